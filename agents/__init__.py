@@ -1,0 +1,1 @@
+"""Agent behaviours: plain Python, no Celery or Redis, testable alone."""

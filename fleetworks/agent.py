@@ -1,0 +1,107 @@
+"""Binding an agent behaviour to Celery, with the guard around it.
+
+``@fleet.agent(spec)`` turns ``behaviour(ctx, payload) -> result`` into a
+Celery task that is late-acknowledged, rejected (requeued) when its worker
+process is lost, and run through :class:`fleetworks.guard.Guard`. The task's
+arguments are always ``payload=<JSON object>`` and optionally ``key=<str>``
+(an explicit idempotency key); anything else is recorded as ``rejected``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, Task
+
+from fleetworks.guard import (
+    AgentSpec,
+    ClaimKey,
+    EntityLock,
+    Guard,
+    RetryRequested,
+    RunContext,
+    ValidatePayload,
+)
+from fleetworks.redisconn import get_redis
+from fleetworks.settings import Settings
+
+Behaviour = Callable[[RunContext, Any], Any]
+
+#: Share of the hard time limit given as the soft limit, so a behaviour gets
+#: ``SoftTimeLimitExceeded`` and can stop cleanly before it is killed.
+SOFT_LIMIT_SHARE = 0.9
+
+
+def unpack(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str | None, str | None]:
+    """(payload, explicit key, shape problem) from a task's raw arguments."""
+    extra = set(kwargs) - {"payload", "key"}
+    if args or extra or "payload" not in kwargs:
+        got = f"{len(args)} positional args, keyword args {sorted(kwargs)}"
+        return None, None, f"agent tasks take payload=<object> and optional key=<str>; got {got}"
+    key = kwargs.get("key")
+    if key is not None and not isinstance(key, str):
+        return None, None, f"key must be a string, got {type(key).__name__}"
+    return kwargs["payload"], key, None
+
+
+class Fleet:
+    """The runtime of one deployment: settings, guard, and the agents bound to it."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        lock = EntityLock(lambda: get_redis(settings.redis))
+        self.guard = Guard([ValidatePayload(), lock, ClaimKey(lock)])
+        self.agents: dict[str, AgentSpec] = {}
+
+    def agent(self, spec: AgentSpec) -> Callable[[Behaviour], Task]:
+        """Decorator: bind ``behaviour`` to a guarded Celery task named ``spec.name``."""
+
+        def bind(behaviour: Behaviour) -> Task:
+            fleet = self
+
+            @self.app.task(  # type: ignore[untyped-decorator]
+                name=spec.name,
+                bind=True,
+                acks_late=True,
+                reject_on_worker_lost=True,
+                time_limit=spec.time_limit_s,
+                soft_time_limit=spec.time_limit_s * SOFT_LIMIT_SHARE,
+                max_retries=None,
+                typing=False,
+                ignore_result=True,
+            )
+            def run(task: Task, *args: Any, **kwargs: Any) -> Any:
+                return fleet.execute(task, spec, behaviour, args, kwargs)
+
+            self.agents[spec.name] = spec
+            return run  # type: ignore[no-any-return]
+
+        return bind
+
+    def execute(
+        self,
+        task: Task,
+        spec: AgentSpec,
+        behaviour: Behaviour,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        payload, key, problem = unpack(args, kwargs)
+        request = task.request
+        ctx = RunContext(
+            spec=spec,
+            task_id=request.id or "",
+            worker=f"{request.hostname or 'local'}/{os.getpid()}",
+            raw_payload=payload if problem is None else {"args": args, "kwargs": kwargs},
+            explicit_key=key,
+            retries=request.retries or 0,
+            database_url=self.settings.database,
+            shape_error=problem,
+        )
+        try:
+            return self.guard.run(ctx, behaviour)
+        except RetryRequested as again:
+            raise task.retry(countdown=again.countdown, max_retries=None, exc=again.exc) from None

@@ -1,0 +1,57 @@
+"""The Celery app of a fleet, configured for the guarantees fleetworks makes.
+
+JSON only (pickle is never accepted), late acks, requeue when a worker
+process is lost, one message prefetched per process, no result backend (the
+results database is the record of every outcome).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+from kombu import Queue
+
+from fleetworks import db, redisconn
+from fleetworks.settings import Settings
+
+
+def celery_config(settings: Settings, beat_schedule: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "broker_url": settings.broker,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "task_store_errors_even_if_ignored": False,
+        "task_default_queue": settings.queue,
+        "task_queues": [Queue(settings.queue)],
+        "task_create_missing_queues": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "beat_schedule": beat_schedule,
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+
+
+def create_app(settings: Settings, beat_schedule: dict[str, Any]) -> Celery:
+    app = Celery("fleetworks", include=settings.modules)
+    app.conf.update(celery_config(settings, beat_schedule))
+    return app
+
+
+@worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    """A pool child must not reuse the parent's database or Redis sockets."""
+    db.reset_after_fork()
+    redisconn.reset_after_fork()

@@ -1,0 +1,206 @@
+"""The claim ledger: one ``outcomes`` row per idempotency key, a state machine.
+
+::
+
+    (none) --claim--> claimed --finish--> succeeded | failed | rejected
+                      claimed --claim (higher fencing token)--> claimed
+                      failed  --claim (retry)--> claimed
+
+A claim is a single ``INSERT .. ON CONFLICT DO UPDATE .. WHERE .. RETURNING``
+statement, so deciding "first run", "retry" or "already done" costs one round
+trip and is atomic on SQLite and PostgreSQL alike. The update only happens
+while the row is ``claimed`` or ``failed`` and the stored fencing token is
+lower than the new one: a stale holder can neither re-claim nor finish a key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Connection, Insert, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from fleetworks import constants as c
+from fleetworks.models import EventKind, GuardEvent, Outcome, Status
+
+_outcomes = Outcome.__table__
+_events = GuardEvent.__table__
+
+
+class ClaimVerdict(StrEnum):
+    RUN = "run"
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    verdict: ClaimVerdict
+    attempts: int = 0
+    #: For STALE: the fencing token already stored for the key.
+    stored_token: int | None = None
+    #: For DUPLICATE: the terminal status found.
+    status: str | None = None
+
+
+class StaleWriteError(RuntimeError):
+    """A write carried a fencing token older than the one on record."""
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _upsert(conn: Connection) -> Any:
+    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+
+
+def claim(
+    conn: Connection,
+    *,
+    agent: str,
+    entity_key: str,
+    idempotency_key: str,
+    fencing_token: int,
+    task_id: str | None,
+    worker: str | None,
+) -> Claim:
+    """Claim ``idempotency_key`` for a run holding ``fencing_token``."""
+    ins = _upsert(conn)(_outcomes)
+    stmt = ins.values(
+        agent=agent,
+        entity_key=entity_key,
+        idempotency_key=idempotency_key,
+        status=Status.CLAIMED,
+        attempts=1,
+        fencing_token=fencing_token,
+        task_id=task_id,
+        worker=worker,
+        started_at=now(),
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[_outcomes.c.idempotency_key],
+        set_={
+            "status": Status.CLAIMED,
+            "attempts": _outcomes.c.attempts + 1,
+            "fencing_token": stmt.excluded.fencing_token,
+            "task_id": stmt.excluded.task_id,
+            "worker": stmt.excluded.worker,
+            "started_at": stmt.excluded.started_at,
+            "finished_at": None,
+            "error": None,
+        },
+        where=(_outcomes.c.status.in_([Status.CLAIMED, Status.FAILED]))
+        & (_outcomes.c.fencing_token < stmt.excluded.fencing_token),
+    ).returning(_outcomes.c.attempts)
+    row = conn.execute(stmt).first()
+    if row is not None:
+        return Claim(ClaimVerdict.RUN, attempts=int(row[0]))
+    found = conn.execute(
+        select(_outcomes.c.status, _outcomes.c.fencing_token).where(
+            _outcomes.c.idempotency_key == idempotency_key
+        )
+    ).one()
+    if found.status in (Status.SUCCEEDED, Status.REJECTED):
+        return Claim(ClaimVerdict.DUPLICATE, status=found.status)
+    return Claim(ClaimVerdict.STALE, stored_token=found.fencing_token)
+
+
+def terminal_status(conn: Connection, idempotency_key: str) -> str | None:
+    """``succeeded`` or ``rejected`` if the key is done for good, else None."""
+    status = conn.execute(
+        select(_outcomes.c.status).where(_outcomes.c.idempotency_key == idempotency_key)
+    ).scalar()
+    return status if status in (Status.SUCCEEDED, Status.REJECTED) else None
+
+
+def finish(
+    conn: Connection,
+    *,
+    idempotency_key: str,
+    fencing_token: int,
+    status: Status,
+    result: Any = None,
+    error: str | None = None,
+) -> None:
+    """Move a claimed key to ``status``; refuse if the token is no longer current."""
+    done = conn.execute(
+        update(_outcomes)
+        .where(
+            (_outcomes.c.idempotency_key == idempotency_key)
+            & (_outcomes.c.fencing_token == fencing_token)
+            & (_outcomes.c.status == Status.CLAIMED)
+        )
+        .values(status=status, finished_at=now(), result=result, error=_clip(error))
+    )
+    if done.rowcount != 1:
+        raise StaleWriteError(
+            f"outcome for {idempotency_key!r} refused: fencing token {fencing_token} "
+            "is no longer the current claim"
+        )
+
+
+def reject(
+    conn: Connection,
+    *,
+    agent: str,
+    entity_key: str,
+    task_id: str,
+    worker: str | None,
+    error: str,
+    payload: Any,
+) -> None:
+    """Record a payload that will never run. Keyed by task id: redelivery adds no row."""
+    at = now()
+    stmt: Insert = _upsert(conn)(_outcomes).values(
+        agent=agent,
+        entity_key=entity_key,
+        idempotency_key=f"rejected:{task_id}",
+        status=Status.REJECTED,
+        attempts=1,
+        task_id=task_id,
+        worker=worker,
+        started_at=at,
+        finished_at=at,
+        error=_clip(error),
+        result={"payload": _jsonable_preview(payload)},
+    )
+    conn.execute(stmt.on_conflict_do_nothing(index_elements=[_outcomes.c.idempotency_key]))
+
+
+def record_event(
+    conn: Connection,
+    kind: EventKind,
+    *,
+    agent: str,
+    idempotency_key: str,
+    task_id: str | None,
+    worker: str | None,
+    detail: str | None = None,
+) -> None:
+    conn.execute(
+        insert(_events).values(
+            kind=kind,
+            agent=agent,
+            idempotency_key=idempotency_key,
+            task_id=task_id,
+            worker=worker,
+            at=now(),
+            detail=_clip(detail),
+        )
+    )
+
+
+def _clip(text: str | None) -> str | None:
+    if text is None or len(text) <= c.MAX_ERROR_CHARS:
+        return text
+    return text[: c.MAX_ERROR_CHARS - 15] + "... [truncated]"
+
+
+def _jsonable_preview(payload: Any) -> str:
+    """A bounded text copy of a rejected payload: kept for debugging, never re-parsed."""
+    text = repr(payload)
+    return text if len(text) <= 1000 else text[:985] + "... [truncated]"

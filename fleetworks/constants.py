@@ -1,0 +1,92 @@
+"""Every Redis key prefix and every default of fleetworks, in one place.
+
+Each value carries a ``#:`` comment with its unit and the reason for it, so a
+reader never has to guess why a number is what it is.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- Redis keys -------------------------------------------------------------
+
+#: Prefix of every key fleetworks itself writes to Redis (not kombu's keys).
+#: One prefix lets tests and operators find or flush our state with one SCAN.
+KEY_PREFIX: Final = "fleet:"
+
+#: ``fleet:lock:<entity>`` holds ``<random token>`` while a worker acts on the
+#: entity. Expires after the lock TTL so a dead holder cannot block forever.
+LOCK_KEY: Final = KEY_PREFIX + "lock:"
+
+#: ``fleet:fence:<entity>`` is an INCR counter: the fencing token handed out
+#: with each acquisition. Never expires: tokens must only ever grow.
+FENCE_KEY: Final = KEY_PREFIX + "fence:"
+
+# --- Queues -----------------------------------------------------------------
+
+#: Default queue for agent tasks. Named, not ``celery``, so a fleet can share a
+#: broker with other Celery apps without eating their messages.
+DEFAULT_QUEUE: Final = "fleet"
+
+# --- Guard ------------------------------------------------------------------
+
+#: Seconds: default hard time limit of an agent task. The lock TTL and the
+#: broker visibility timeout are derived from it, never set on their own.
+DEFAULT_TIME_LIMIT_S: Final = 30.0
+
+#: Seconds added to an agent's time limit to get its lock TTL: covers the
+#: claim and outcome writes that run around the behaviour, and clock jitter.
+LOCK_TTL_SLACK_S: Final = 5.0
+
+#: Seconds: first back-off when the entity lock is held by another worker.
+#: Doubles per attempt up to ``CONTENTION_BACKOFF_MAX_S``, with full jitter.
+CONTENTION_BACKOFF_BASE_S: Final = 0.2
+
+#: Seconds: ceiling of the contention back-off, so a waiting task re-checks
+#: at least this often whether the holder finished (then it is a duplicate).
+CONTENTION_BACKOFF_MAX_S: Final = 5.0
+
+#: Count: how often a task may re-queue itself on lock contention before it
+#: is recorded as ``failed``. 100 tries at <= 5 s outlast any lock TTL.
+MAX_CONTENTION_RETRIES: Final = 100
+
+#: Count: default retries of a behaviour that raised, per agent.
+DEFAULT_MAX_RETRIES: Final = 3
+
+#: Seconds: first back-off after a failure; doubles per retry, with jitter.
+RETRY_BACKOFF_BASE_S: Final = 1.0
+
+#: Characters of an error message kept in an outcome row. Enough for a
+#: pydantic report on a large payload, small enough to keep rows cheap.
+MAX_ERROR_CHARS: Final = 4000
+
+# --- Results database -------------------------------------------------------
+
+#: Milliseconds SQLite waits for a competing writer before failing. Workers
+#: of one machine share one file; writes are short, so 30 s is never reached
+#: unless something is wrong.
+SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
+
+# --- Embedded services ------------------------------------------------------
+
+#: Directory (relative to the working directory) for the embedded Redis data,
+#: the SQLite database, the beat schedule and logs.
+DEFAULT_HOME: Final = ".fleet"
+
+#: TCP port of the embedded Redis on 127.0.0.1. Fixed (not random) so that
+#: ``celery -A config worker`` finds the broker ``fleetworks up`` started;
+#: not 6379, so it never collides with a system Redis.
+EMBEDDED_REDIS_PORT: Final = 6399
+
+#: Seconds to wait for the embedded Redis to answer PING after start.
+EMBEDDED_START_TIMEOUT_S: Final = 10.0
+
+# --- Processes --------------------------------------------------------------
+
+#: Seconds a child gets after SIGTERM (Celery's warm shutdown) before SIGKILL.
+#: A worker finishes its running tasks in this window.
+STOP_GRACE_S: Final = 30.0
+
+#: Default address and port of Flower. Loopback only unless basic auth is set.
+FLOWER_ADDRESS: Final = "127.0.0.1"
+FLOWER_PORT: Final = 5555

