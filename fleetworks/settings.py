@@ -9,10 +9,13 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleetworks import constants as c
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class Settings(BaseSettings):
@@ -40,10 +43,21 @@ class Settings(BaseSettings):
 
     flower_address: str = c.FLOWER_ADDRESS
     flower_port: int = c.FLOWER_PORT
+    #: ``user:password`` for Flower; required to bind Flower beyond loopback.
+    flower_basic_auth: SecretStr | None = None
 
     mentions_seed: int = 7
     mentions_poll_interval_s: float = Field(default=10.0, gt=0)
     mentions_per_poll: int = Field(default=20, ge=0)
+
+    @model_validator(mode="after")
+    def _flower_auth_beyond_loopback(self) -> Settings:
+        if self.flower_address not in LOOPBACK and self.flower_basic_auth is None:
+            raise ValueError(
+                f"Flower would listen on {self.flower_address} without authentication: "
+                "set FLEET_FLOWER_BASIC_AUTH=user:password or keep FLEET_FLOWER_ADDRESS=127.0.0.1"
+            )
+        return self
 
     @property
     def embedded(self) -> bool:

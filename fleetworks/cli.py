@@ -1,0 +1,250 @@
+"""The ``fleetworks`` command. Every command that reports takes ``--json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from typing import Any, NoReturn
+
+import click
+from pydantic import ValidationError
+
+from fleetworks.settings import Settings, get_settings, redact
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid FLEET_* settings: {exc}") from None
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _migrate(settings: Settings) -> None:
+    from fleetworks.migrate import upgrade
+
+    upgrade(settings.database)
+
+
+@click.group()
+@click.version_option(package_name="fleetworks")
+def main() -> None:
+    """Run fleets of agents on Celery, each effect once per idempotency key."""
+
+
+@main.group()
+def db() -> None:
+    """The results database."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the schema migrations (Alembic) up to head."""
+    settings = _settings()
+    _migrate(settings)
+    click.echo(f"database at head: {redact(settings.database)}")
+
+
+class _Stop(Exception):  # noqa: N818 - a control signal
+    pass
+
+
+def _raise_stop(signum: int, _frame: Any) -> NoReturn:
+    raise _Stop(signum)
+
+
+@main.command()
+@click.option("--no-flower", is_flag=True, help="Do not start Flower.")
+@click.option("--no-beat", is_flag=True, help="Do not start beat.")
+def up(no_flower: bool, no_beat: bool) -> None:
+    """The whole fleet on this machine: broker, worker, beat, Flower. Ctrl-C stops it."""
+    from fleetworks.services import Fleet, broker, echo
+
+    settings = _settings()
+    _migrate(settings)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    with broker(settings) as url:
+        fleet = Fleet(settings)
+        try:
+            fleet.worker()
+            if not no_beat:
+                fleet.beat()
+            if not no_flower:
+                fleet.flower()
+            echo(f"broker   {redact(url)}{' (embedded)' if settings.embedded else ''}")
+            echo(f"database {redact(settings.database)}")
+            if not no_flower:
+                echo(f"flower   http://{settings.flower_address}:{settings.flower_port}")
+            echo(f"logs     {settings.home / 'logs'}   (Ctrl-C to stop)")
+            while not (dead := fleet.dead()):
+                time.sleep(0.5)
+            names = ", ".join(f"{c.name} (exit {c.proc.returncode if c.proc else '?'})" for c in dead)
+            echo(f"stopping: {names} exited; last log lines:\n{dead[0].log_tail(1500)}")
+            code = 1
+        except (KeyboardInterrupt, _Stop):
+            echo("stopping (warm shutdown: running tasks finish first)...")
+            code = 0
+        finally:
+            fleet.stop()
+    sys.exit(code)
+
+
+def _exec_celery(command: str, *args: str) -> NoReturn:
+    """Run one Celery program in the foreground with the fleet's settings."""
+    import subprocess
+
+    from fleetworks.procs import celery_argv, fleet_env
+    from fleetworks.services import broker
+
+    settings = _settings()
+    _migrate(settings)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    with broker(settings):
+        proc = subprocess.Popen(celery_argv(command, *args), env=fleet_env(settings))
+        try:
+            code = proc.wait()
+        except (KeyboardInterrupt, _Stop):
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait()
+    sys.exit(code)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(celery_args: tuple[str, ...]) -> None:
+    """A worker (arguments after the command go to `celery worker`)."""
+    from fleetworks.procs import worker_args
+
+    _exec_celery("worker", *worker_args(_settings(), "worker"), *celery_args)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def beat(celery_args: tuple[str, ...]) -> None:
+    """Celery beat with the fleet's schedule (beat_schedule.py)."""
+    settings = _settings()
+    schedule = str((settings.home / "celerybeat-schedule").resolve())
+    _exec_celery("beat", "-s", schedule, "--pidfile=", *celery_args)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def flower(celery_args: tuple[str, ...]) -> None:
+    """Flower on FLEET_FLOWER_ADDRESS:FLEET_FLOWER_PORT (loopback unless auth is set)."""
+    s = _settings()
+    args = [f"--address={s.flower_address}", f"--port={s.flower_port}"]
+    if s.flower_basic_auth is not None:
+        args.append(f"--basic-auth={s.flower_basic_auth.get_secret_value()}")
+    _exec_celery("flower", *args, *celery_args)
+
+
+@main.command()
+@click.argument("agent")
+@click.option("--payload", required=True, help="The payload, a JSON object.")
+@click.option("--key", default=None, help="Explicit idempotency key (default: the agent's).")
+@click.option("--json", "as_json", is_flag=True)
+def enqueue(agent: str, payload: str, key: str | None, as_json: bool) -> None:
+    """Send one task to AGENT (e.g. mentions.respond)."""
+    from fleetworks.services import require_broker
+
+    settings = _settings()
+    try:
+        body = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from None
+    require_broker(settings)
+    from config import app, fleet
+    from fleetworks.enqueue import enqueue as send
+
+    app.loader.import_default_modules()
+    if agent not in fleet.agents:
+        known = ", ".join(sorted(fleet.agents)) or "none"
+        raise click.BadParameter(f"unknown agent {agent!r}; known: {known}", param_hint="AGENT")
+    task_id = send(app, agent, body, key=key)
+    if as_json:
+        _print_json({"task_id": task_id, "agent": agent, "key": key})
+    else:
+        click.echo(task_id)
+
+
+@main.command()
+@click.option("--agent", default=None)
+@click.option("--status", default=None, help="claimed, succeeded, failed or rejected")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def outcomes(agent: str | None, status: str | None, limit: int, as_json: bool) -> None:
+    """The newest outcome rows, and the count per status."""
+    from fleetworks.reports import list_outcomes, status_counts
+
+    settings = _settings()
+    rows = list_outcomes(settings.database, agent=agent, status=status, limit=limit)
+    counts = status_counts(settings.database, agent)
+    if as_json:
+        _print_json({"counts": counts, "outcomes": rows})
+        return
+    click.echo("  ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "no outcomes yet")
+    for r in rows:
+        err = f"  {r['error'].splitlines()[0][:80]}" if r["error"] else ""
+        click.echo(
+            f"{r['id']:>6} {r['status']:<9} {r['agent']:<18} {r['idempotency_key']:<40} "
+            f"try={r['attempts']} fence={r['fencing_token']}{err}"
+        )
+
+
+@main.command()
+@click.option("--mentions", default=1000, show_default=True, help="Distinct mentions to feed.")
+@click.option("--duplicate-rate", default=0.25, show_default=True)
+@click.option("--timeout", "timeout_s", default=600.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def demo(mentions: int, duplicate_rate: float, timeout_s: float, as_json: bool) -> None:
+    """A bounded end-to-end run; exit 0 only if nothing was lost or duplicated."""
+    from fleetworks.demo import render, run_demo
+    from fleetworks.services import broker
+
+    settings = _settings()
+    _migrate(settings)
+    with broker(settings):
+        report = run_demo(
+            settings, mentions=mentions, duplicate_rate=duplicate_rate, timeout_s=timeout_s
+        )
+    if as_json:
+        _print_json(asdict(report))
+    else:
+        click.echo(render(report))
+    sys.exit(0 if report.ok else 1)
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks, each against plain Celery measured in the same run."""
+
+
+@bench.command("throughput")
+@click.option("--tasks", default=2000, show_default=True)
+@click.option("--rounds", default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_throughput(tasks: int, rounds: int, as_json: bool) -> None:
+    """No-op tasks through plain Celery and through the guard; prints the ratio."""
+    from fleetworks.bench import render, run_throughput
+    from fleetworks.services import broker
+
+    settings = _settings()
+    _migrate(settings)
+    with broker(settings):
+        result = run_throughput(settings, tasks=tasks, rounds=rounds)
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(render(result))
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m`
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,204 @@
+"""Fixtures: real Redis, a real database and real worker processes.
+
+Redis: ``FLEET_TEST_REDIS_URL``, else the server on 127.0.0.1:6379 when it
+answers, else an embedded redis-server started for the session. The broker
+and the lock store use two different databases of it, so a test can flush
+the lock store without touching kombu's bindings.
+
+Databases: SQLite always; PostgreSQL at ``FLEET_TEST_POSTGRES_URL`` (default
+the local server's ``test`` database). Unreachable PostgreSQL skips its tests
+with the reason, except under ``CI=true``, where it fails them: CI runs on a
+machine that has it, and a silent skip there would hide a regression.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import text
+
+from fleetworks.embedded import EmbeddedRedis, free_port, ping
+
+SYSTEM_REDIS = "redis://127.0.0.1:6379"
+POSTGRES_URL = os.environ.get(
+    "FLEET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# The in-process Celery app (config.app) reads FLEET_* once, at import: set
+# them before any test module imports it.
+_redis_base = os.environ.get("FLEET_TEST_REDIS_URL", SYSTEM_REDIS).rstrip("/")
+_embedded: EmbeddedRedis | None = None
+if not ping(_redis_base):
+    import tempfile
+
+    _embedded = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="fleet-test-redis-")), port=free_port())
+    _embedded.start()
+    _redis_base = f"redis://127.0.0.1:{_embedded.port}"
+BROKER_URL = f"{_redis_base}/11"
+LOCKS_URL = f"{_redis_base}/12"
+os.environ["FLEET_BROKER_URL"] = BROKER_URL
+os.environ["FLEET_REDIS_URL"] = LOCKS_URL
+os.environ.setdefault("FLEET_LOG_LEVEL", "INFO")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _embedded is not None:
+        _embedded.stop()
+
+
+def _clean_redis() -> None:
+    redis.Redis.from_url(LOCKS_URL).flushdb()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _broker_flushed() -> Iterator[None]:
+    redis.Redis.from_url(BROKER_URL).flushdb()
+    yield
+    redis.Redis.from_url(BROKER_URL).flushdb()
+
+
+@pytest.fixture
+def redis_client() -> Iterator[redis.Redis]:
+    """The lock store, flushed before and after the test."""
+    _clean_redis()
+    client = redis.Redis.from_url(LOCKS_URL)
+    yield client
+    _clean_redis()
+    client.close()
+
+
+def postgres_available() -> bool:
+    try:
+        import psycopg
+
+        dsn = POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(dsn, connect_timeout=2):
+            return True
+    except Exception:
+        return False
+
+
+def _require_postgres() -> None:
+    if postgres_available():
+        return
+    reason = f"PostgreSQL not reachable at {POSTGRES_URL} (set FLEET_TEST_POSTGRES_URL)"
+    if IN_CI:
+        pytest.fail(f"{reason}; CI=true requires it")
+    pytest.skip(reason)
+
+
+def _fresh_database(url: str) -> str:
+    from fleetworks import db
+    from fleetworks.migrate import upgrade
+    from fleetworks.models import Base
+
+    engine = db.get_engine(url)
+    with engine.begin() as conn:
+        Base.metadata.drop_all(conn)
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+    upgrade(url)
+    return url
+
+
+def truncate(url: str) -> None:
+    from fleetworks import db
+    from fleetworks.models import Base
+
+    with db.transaction(url) as conn:
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(table.delete())
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _fresh_database(f"sqlite:///{tmp_path_factory.mktemp('db') / 'fleet.db'}")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    _require_postgres()
+    return _fresh_database(POSTGRES_URL)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each results database in turn, emptied before and after the test."""
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    truncate(url)
+    yield url
+    truncate(url)
+
+
+@dataclass
+class Worker:
+    """A real ``celery -A config worker`` subprocess on its own queue."""
+
+    child: Any
+    queue: str
+    database_url: str
+    name: str
+
+    def enqueue(self, agent: str, payload: Any, key: str | None = None) -> str:
+        from config import app
+        from fleetworks.enqueue import enqueue
+
+        return enqueue(app, agent, payload, key=key, queue=self.queue)
+
+    def pool_pids(self) -> list[int]:
+        import psutil
+
+        return [p.pid for p in psutil.Process(self.child.pid).children()]
+
+
+def start_worker(
+    database_url: str, log_dir: Path, name: str, concurrency: int = 2, **env: str
+) -> Worker:
+    from config import app
+    from fleetworks.procs import Child, celery_argv, wait_workers
+
+    queue = f"test-{name}"
+    argv = celery_argv(
+        "worker", "-n", f"{name}@%h", "-Q", queue, "-c", str(concurrency),
+        "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+    )  # fmt: skip
+    child_env = dict(os.environ, FLEET_DATABASE_URL=database_url, FLEET_QUEUE=queue, **env)
+    child = Child(name, argv, child_env, log_path=log_dir / f"{name}.log").start()
+    try:
+        wait_workers(app, [f"{name}@{socket.gethostname()}"], timeout_s=60)
+    except TimeoutError:
+        child.stop(5)
+        raise AssertionError(f"worker {name} did not start:\n{child.log_tail()}") from None
+    return Worker(child, queue, database_url, name)
+
+
+@pytest.fixture
+def worker(
+    database_url: str, redis_client: redis.Redis, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Worker]:
+    """A worker against the test Redis and ``database_url``, stopped after the test."""
+    name = f"w{os.getpid()}-{request.node.name}".replace("[", "-").replace("]", "")[:60]
+    w = start_worker(database_url, tmp_path, name)
+    yield w
+    w.child.stop(15)
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition"
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
