@@ -62,11 +62,16 @@ def decide(mention: Mention) -> Decision:
     if mention.author.lower() == mention.brand.lower():
         return Decision("ignore", "our own account")
     if "?" in text:
-        return Decision("respond", f"@{mention.author} thanks for asking! A {mention.brand} "
-                        "specialist will DM you shortly.")
+        return Decision(
+            "respond",
+            f"@{mention.author} thanks for asking! A {mention.brand} "
+            "specialist will DM you shortly.",
+        )
     if mention.sentiment <= -0.3:
-        return Decision("respond", f"@{mention.author} sorry to hear that. We're on it; "
-                        "please DM us your order number.")
+        return Decision(
+            "respond",
+            f"@{mention.author} sorry to hear that. We're on it; please DM us your order number.",
+        )
     if mention.sentiment >= 0.5 and mention.followers >= 1000:
         return Decision("respond", f"@{mention.author} thank you, that means a lot!")
     return Decision("ignore", "neutral chatter")
@@ -134,7 +139,9 @@ class MentionFeed:
         rng = random.Random(self.seed)
         backlog: list[Mention] = []
         for i in range(count):
-            m = self.mention(f"{prefix}-{self.seed}-{i}", random.Random(f"{self.seed}:{prefix}:{i}"))
+            m = self.mention(
+                f"{prefix}-{self.seed}-{i}", random.Random(f"{self.seed}:{prefix}:{i}")
+            )
             yield m
             if rng.random() < duplicate_rate:
                 backlog.append(m)

@@ -55,6 +55,7 @@ class Fleet:
         lock = EntityLock(lambda: get_redis(settings.redis))
         self.guard = Guard([ValidatePayload(), lock, ClaimKey(lock)])
         self.agents: dict[str, AgentSpec] = {}
+        self.behaviours: dict[str, Behaviour] = {}
 
     def agent(self, spec: AgentSpec) -> Callable[[Behaviour], Task]:
         """Decorator: bind ``behaviour`` to a guarded Celery task named ``spec.name``."""
@@ -77,7 +78,8 @@ class Fleet:
                 return fleet.execute(task, spec, behaviour, args, kwargs)
 
             self.agents[spec.name] = spec
-            return run  # type: ignore[no-any-return]
+            self.behaviours[spec.name] = behaviour
+            return run
 
         return bind
 

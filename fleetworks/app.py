@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_process_init
-from kombu import Queue
+from kombu.entity import Queue
 
 from fleetworks import db, redisconn
 from fleetworks.settings import Settings
@@ -31,7 +31,7 @@ def celery_config(settings: Settings, beat_schedule: dict[str, Any]) -> dict[str
         "task_ignore_result": True,
         "task_store_errors_even_if_ignored": False,
         "task_default_queue": settings.queue,
-        "task_queues": [Queue(settings.queue)],
+        "task_queues": [Queue(settings.queue)],  # type: ignore[no-untyped-call]
         "task_create_missing_queues": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
@@ -50,7 +50,7 @@ def create_app(settings: Settings, beat_schedule: dict[str, Any]) -> Celery:
     return app
 
 
-@worker_process_init.connect
+@worker_process_init.connect  # type: ignore[untyped-decorator]
 def _after_fork(**_: Any) -> None:
     """A pool child must not reuse the parent's database or Redis sockets."""
     db.reset_after_fork()

@@ -18,16 +18,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Insert, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from fleetworks import constants as c
-from fleetworks.models import EventKind, GuardEvent, Outcome, Status
+from fleetworks.db import upsert, upsert_for
+from fleetworks.models import GUARD_EVENTS, OUTCOMES, EventKind, Status
 
-_outcomes = Outcome.__table__
-_events = GuardEvent.__table__
+_outcomes = OUTCOMES
+_events = GUARD_EVENTS
 
 
 class ClaimVerdict(StrEnum):
@@ -54,8 +55,53 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def _upsert(conn: Connection) -> Any:
-    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+_CLAIM_COLUMNS = ("agent", "entity_key", "idempotency_key", "fencing_token", "task_id", "worker")
+
+
+@lru_cache(maxsize=4)
+def _claim_statement(dialect: str) -> Any:
+    """The claim upsert for ``dialect``, built once: bind parameters only, so
+    its compiled form is cached and a claim costs no statement building."""
+    stmt = upsert_for(dialect, _outcomes).values(
+        {name: bindparam(name) for name in _CLAIM_COLUMNS}
+        | {"status": Status.CLAIMED, "attempts": 1, "started_at": bindparam("started_at")}
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=[_outcomes.c.idempotency_key],
+        set_={
+            "status": Status.CLAIMED,
+            "attempts": _outcomes.c.attempts + 1,
+            "fencing_token": stmt.excluded.fencing_token,
+            "task_id": stmt.excluded.task_id,
+            "worker": stmt.excluded.worker,
+            "started_at": stmt.excluded.started_at,
+            "finished_at": None,
+            "error": None,
+            "result": None,
+        },
+        where=(_outcomes.c.status.in_([Status.CLAIMED, Status.FAILED]))
+        & (_outcomes.c.fencing_token < stmt.excluded.fencing_token),
+    ).returning(_outcomes.c.attempts)
+
+
+_FINISH = (
+    update(_outcomes)
+    .where(
+        (_outcomes.c.idempotency_key == bindparam("key"))
+        & (_outcomes.c.fencing_token == bindparam("token"))
+        & (_outcomes.c.status == Status.CLAIMED)
+    )
+    .values(
+        status=bindparam("status"),
+        finished_at=bindparam("finished_at"),
+        result=bindparam("result", type_=_outcomes.c.result.type),
+        error=bindparam("error"),
+    )
+)
+
+_FOUND = select(_outcomes.c.status, _outcomes.c.fencing_token).where(
+    _outcomes.c.idempotency_key == bindparam("key")
+)
 
 
 def claim(
@@ -69,41 +115,21 @@ def claim(
     worker: str | None,
 ) -> Claim:
     """Claim ``idempotency_key`` for a run holding ``fencing_token``."""
-    ins = _upsert(conn)(_outcomes)
-    stmt = ins.values(
-        agent=agent,
-        entity_key=entity_key,
-        idempotency_key=idempotency_key,
-        status=Status.CLAIMED,
-        attempts=1,
-        fencing_token=fencing_token,
-        task_id=task_id,
-        worker=worker,
-        started_at=now(),
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[_outcomes.c.idempotency_key],
-        set_={
-            "status": Status.CLAIMED,
-            "attempts": _outcomes.c.attempts + 1,
-            "fencing_token": stmt.excluded.fencing_token,
-            "task_id": stmt.excluded.task_id,
-            "worker": stmt.excluded.worker,
-            "started_at": stmt.excluded.started_at,
-            "finished_at": None,
-            "error": None,
+    row = conn.execute(
+        _claim_statement(conn.dialect.name),
+        {
+            "agent": agent,
+            "entity_key": entity_key,
+            "idempotency_key": idempotency_key,
+            "fencing_token": fencing_token,
+            "task_id": task_id,
+            "worker": worker,
+            "started_at": now(),
         },
-        where=(_outcomes.c.status.in_([Status.CLAIMED, Status.FAILED]))
-        & (_outcomes.c.fencing_token < stmt.excluded.fencing_token),
-    ).returning(_outcomes.c.attempts)
-    row = conn.execute(stmt).first()
+    ).first()
     if row is not None:
         return Claim(ClaimVerdict.RUN, attempts=int(row[0]))
-    found = conn.execute(
-        select(_outcomes.c.status, _outcomes.c.fencing_token).where(
-            _outcomes.c.idempotency_key == idempotency_key
-        )
-    ).one()
+    found = conn.execute(_FOUND, {"key": idempotency_key}).one()
     if found.status in (Status.SUCCEEDED, Status.REJECTED):
         return Claim(ClaimVerdict.DUPLICATE, status=found.status)
     return Claim(ClaimVerdict.STALE, stored_token=found.fencing_token)
@@ -128,13 +154,15 @@ def finish(
 ) -> None:
     """Move a claimed key to ``status``; refuse if the token is no longer current."""
     done = conn.execute(
-        update(_outcomes)
-        .where(
-            (_outcomes.c.idempotency_key == idempotency_key)
-            & (_outcomes.c.fencing_token == fencing_token)
-            & (_outcomes.c.status == Status.CLAIMED)
-        )
-        .values(status=status, finished_at=now(), result=result, error=_clip(error))
+        _FINISH,
+        {
+            "key": idempotency_key,
+            "token": fencing_token,
+            "status": status,
+            "finished_at": now(),
+            "result": result,
+            "error": _clip(error),
+        },
     )
     if done.rowcount != 1:
         raise StaleWriteError(
@@ -155,7 +183,7 @@ def reject(
 ) -> None:
     """Record a payload that will never run. Keyed by task id: redelivery adds no row."""
     at = now()
-    stmt: Insert = _upsert(conn)(_outcomes).values(
+    stmt = upsert(conn, _outcomes).values(
         agent=agent,
         entity_key=entity_key,
         idempotency_key=f"rejected:{task_id}",

@@ -52,7 +52,7 @@ def db_upgrade() -> None:
     click.echo(f"database at head: {redact(settings.database)}")
 
 
-class _Stop(Exception):  # noqa: N818 - a control signal
+class _Stop(Exception):
     pass
 
 
@@ -85,7 +85,9 @@ def up(no_flower: bool, no_beat: bool) -> None:
             echo(f"logs     {settings.home / 'logs'}   (Ctrl-C to stop)")
             while not (dead := fleet.dead()):
                 time.sleep(0.5)
-            names = ", ".join(f"{c.name} (exit {c.proc.returncode if c.proc else '?'})" for c in dead)
+            names = ", ".join(
+                f"{c.name} (exit {c.proc.returncode if c.proc else '?'})" for c in dead
+            )
             echo(f"stopping: {names} exited; last log lines:\n{dead[0].log_tail(1500)}")
             code = 1
         except (KeyboardInterrupt, _Stop):

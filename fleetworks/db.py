@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, Table, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 
 from fleetworks import constants as c
@@ -90,3 +91,15 @@ def transaction(url: str) -> Iterator[Connection]:
 
 def is_postgres(url: str) -> bool:
     return make_url(url).get_backend_name() == "postgresql"
+
+
+def upsert_for(dialect: str, table: Table) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT with ``on_conflict_do_*`` for ``dialect`` (postgresql or sqlite)."""
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def upsert(conn: Connection, table: Table) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT with ``on_conflict_do_*`` for this connection's dialect."""
+    return upsert_for(conn.dialect.name, table)

@@ -22,9 +22,7 @@ from sqlalchemy import func, select
 from agents.mentions import MentionFeed
 from fleetworks import reports
 from fleetworks.db import transaction
-from fleetworks.models import EventKind
-from fleetworks.models import Mention as MentionRow
-from fleetworks.models import Response as ResponseRow
+from fleetworks.models import MENTIONS, RESPONSES, EventKind
 from fleetworks.procs import wait_workers
 from fleetworks.services import Fleet, echo
 from fleetworks.settings import Settings
@@ -105,9 +103,9 @@ def wait_settled(url: str, task_ids: list[str], timeout_s: float) -> dict[str, s
 def count_effects(url: str, run: str) -> tuple[int, int, int, int]:
     """(mentions settled, responses, ignored, response rows beyond one per mention)."""
     like = f"{run}-%"
-    m, r = MentionRow.__table__.c, ResponseRow.__table__.c
+    m, r = MENTIONS.c, RESPONSES.c
     with transaction(url) as conn:
-        by_status = dict(
+        by_status: dict[str, int] = dict(
             conn.execute(
                 select(m.status, func.count()).where(m.mention_id.like(like)).group_by(m.status)
             ).all()
@@ -146,12 +144,15 @@ def run_demo(
         wall = time.monotonic() - started
     finally:
         fleet.stop()
-    return summarize(settings.database, run, mentions, task_ids, settled, wall)
+    return summarize(
+        settings.database, run, mentions=mentions, task_ids=task_ids, settled=settled, wall_s=wall
+    )
 
 
 def summarize(
     url: str,
     run: str,
+    *,
     mentions: int,
     task_ids: list[str],
     settled: dict[str, str],

@@ -109,7 +109,9 @@ class EmbeddedRedis:
                 return self
             time.sleep(0.05)
         self.stop()
-        raise EmbeddedRedisError(f"redis-server did not answer within {c.EMBEDDED_START_TIMEOUT_S}s")
+        raise EmbeddedRedisError(
+            f"redis-server did not answer within {c.EMBEDDED_START_TIMEOUT_S}s"
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (Redis writes its AOF and exits), SIGKILL if it does not."""

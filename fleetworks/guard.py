@@ -65,7 +65,7 @@ class AgentSpec:
         return lock_ttl_s(self.time_limit_s)
 
 
-class Veto(Exception):  # noqa: N818 - a veto is not an error
+class Veto(Exception):
     """Raised by a hook to stop a run. ``retry_after`` asks for a retry."""
 
     def __init__(self, kind: str, detail: str, retry_after: float | None = None) -> None:
@@ -75,7 +75,7 @@ class Veto(Exception):  # noqa: N818 - a veto is not an error
         self.retry_after = retry_after
 
 
-class RetryRequested(Exception):  # noqa: N818 - a control signal, handled by the task
+class RetryRequested(Exception):
     """The guard wants the task re-queued after ``countdown`` seconds."""
 
     def __init__(self, countdown: float, reason: str, exc: BaseException | None = None) -> None:

@@ -94,9 +94,7 @@ class EntityLocks:
 
     def renew(self, lease: Lease) -> bool:
         """Extend the lock by its TTL if ``lease`` still holds it."""
-        return bool(
-            self._renew(keys=[c.LOCK_KEY + lease.entity], args=[lease.token, lease.ttl_ms])
-        )
+        return bool(self._renew(keys=[c.LOCK_KEY + lease.entity], args=[lease.token, lease.ttl_ms]))
 
     def raise_fence(self, entity: str, at_least: int) -> int:
         """Move the fence counter to ``at_least`` if it is behind (after Redis lost data)."""

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, String, Table, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql import func
 
@@ -116,3 +116,11 @@ class ProbeEffect(Base):
     fencing_token: Mapped[int] = mapped_column(BigInteger)
     worker: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+#: Core ``Table`` handles, typed, for statements on hot paths.
+OUTCOMES = cast(Table, Outcome.__table__)
+GUARD_EVENTS = cast(Table, GuardEvent.__table__)
+MENTIONS = cast(Table, Mention.__table__)
+RESPONSES = cast(Table, Response.__table__)
+PROBE_EFFECTS = cast(Table, ProbeEffect.__table__)

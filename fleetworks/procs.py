@@ -8,6 +8,7 @@ leaves a pool child behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -119,10 +120,8 @@ class Child:
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def stop_all(children: Sequence[Child], grace_s: float = c.STOP_GRACE_S) -> None:

@@ -14,10 +14,10 @@ from typing import Any
 from sqlalchemy import Connection, distinct, func, select
 
 from fleetworks.db import transaction
-from fleetworks.models import EventKind, GuardEvent, Outcome, Status
+from fleetworks.models import GUARD_EVENTS, OUTCOMES, EventKind, Status
 
-_o = Outcome.__table__
-_e = GuardEvent.__table__
+_o = OUTCOMES
+_e = GUARD_EVENTS
 
 #: Outcome states that end a delivery (``failed`` rows are final only once
 #: their task stopped retrying, which the caller judges from the broker).
@@ -80,7 +80,7 @@ def distinct_tasks_with_event(conn: Connection, kind: EventKind, task_ids: Seque
 def list_outcomes(
     url: str, *, agent: str | None, status: str | None, limit: int
 ) -> list[dict[str, Any]]:
-    query = select(Outcome.__table__).order_by(_o.c.id.desc()).limit(limit)
+    query = select(OUTCOMES).order_by(_o.c.id.desc()).limit(limit)
     if agent:
         query = query.where(_o.c.agent == agent)
     if status:

@@ -70,7 +70,9 @@ class Fleet:
         schedule = str((self.settings.home / "celerybeat-schedule").resolve())
         return self.add(
             name,
-            celery_argv("beat", "-s", schedule, "--pidfile=", "--loglevel", self.settings.log_level),
+            celery_argv(
+                "beat", "-s", schedule, "--pidfile=", "--loglevel", self.settings.log_level
+            ),
         )
 
     def flower(self) -> Child:
@@ -93,4 +95,3 @@ class Fleet:
 
 def echo(message: str) -> None:
     click.echo(message, err=True)
-

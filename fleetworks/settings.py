@@ -14,7 +14,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleetworks import constants as c
 
-
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 

@@ -6,20 +6,18 @@ import time
 from typing import Any
 
 from sqlalchemy import insert, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from agents import mentions
 from config.celery import app, fleet
 from fleetworks.claims import StaleWriteError, now
-from fleetworks.db import transaction
+from fleetworks.db import transaction, upsert
 from fleetworks.enqueue import enqueue_many
 from fleetworks.guard import AgentSpec, RunContext
-from fleetworks.models import Mention as MentionRow
-from fleetworks.models import Response
+from fleetworks.models import MENTIONS, RESPONSES
 
 RESPOND = "mentions.respond"
 
-_rows = MentionRow.__table__
+_rows = MENTIONS
 
 
 class SqlMentionSink:
@@ -34,7 +32,7 @@ class SqlMentionSink:
 
     def processing(self, mention: mentions.Mention, fencing_token: int) -> None:
         with transaction(self._ctx.database_url) as conn:
-            ins = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(_rows)
+            ins = upsert(conn, _rows)
             stmt = ins.values(
                 mention_id=mention.mention_id,
                 brand=mention.brand,
@@ -44,12 +42,13 @@ class SqlMentionSink:
                 fencing_token=fencing_token,
                 updated_at=now(),
             )
-            stmt = stmt.on_conflict_do_update(
+            upserted = stmt.on_conflict_do_update(
                 index_elements=[_rows.c.mention_id],
                 set_={"status": "processing", "fencing_token": fencing_token, "updated_at": now()},
                 where=_rows.c.fencing_token <= fencing_token,
-            )
-            if conn.execute(stmt).rowcount != 1:
+            ).returning(_rows.c.mention_id)
+            # RETURNING, not rowcount: drivers disagree on rowcount for upserts.
+            if conn.execute(upserted).first() is None:
                 raise StaleWriteError(f"mention {mention.mention_id}: stale token {fencing_token}")
 
     def _settle(self, mention_id: str, status: str, fencing_token: int) -> None:
@@ -63,7 +62,7 @@ class SqlMentionSink:
 
     def respond(self, mention: mentions.Mention, text: str, fencing_token: int) -> None:
         self._ctx.db.execute(
-            insert(Response.__table__).values(
+            insert(RESPONSES).values(
                 mention_id=mention.mention_id,
                 text=text,
                 fencing_token=fencing_token,

@@ -10,7 +10,7 @@ from agents import probe
 from config.celery import app, fleet
 from fleetworks.claims import now
 from fleetworks.guard import AgentSpec, RunContext
-from fleetworks.models import ProbeEffect
+from fleetworks.models import PROBE_EFFECTS
 
 GUARDED = "probe.run"
 PLAIN = "probe.plain"
@@ -24,7 +24,7 @@ class SqlProbeSink:
 
     def record(self, effect_key: str, fencing_token: int) -> None:
         self._ctx.db.execute(
-            insert(ProbeEffect.__table__).values(
+            insert(PROBE_EFFECTS).values(
                 effect_key=effect_key,
                 fencing_token=fencing_token,
                 worker=self._ctx.worker,

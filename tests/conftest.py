@@ -124,7 +124,7 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> str:
+def postgresql_url() -> str:
     _require_postgres()
     return _fresh_database(POSTGRES_URL)
 
@@ -191,9 +191,7 @@ def worker(
     w.child.stop(15)
 
 
-def wait_for(
-    predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition"
-) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

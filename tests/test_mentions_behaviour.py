@@ -68,9 +68,7 @@ def test_neutral_mention_is_ignored_as_chatter() -> None:
 def test_link_is_ignored_even_when_another_rule_would_respond(scheme: str) -> None:
     """A link wins over a question, a complaint and loud praise: it is spam."""
     # Given a mention that is a question, negative and from a large account
-    mention = make(
-        text=f"is this real? {scheme}spam.example", sentiment=-0.9, followers=50_000
-    )
+    mention = make(text=f"is this real? {scheme}spam.example", sentiment=-0.9, followers=50_000)
     # When / Then: the link rule comes first
     assert decide(mention) == Decision("ignore", "contains a link: likely spam")
 
@@ -165,7 +163,7 @@ def test_mention_accepts_good_ids(mention_id: str) -> None:
 def test_mention_rejects_extra_fields() -> None:
     """An unknown field is an error, not silently dropped."""
     with pytest.raises(ValidationError, match="extra"):
-        Mention(**NEUTRAL, retweets=3)
+        Mention.model_validate({**NEUTRAL, "retweets": 3})
 
 
 @pytest.mark.parametrize("sentiment", [-1.0001, 1.0001, float("nan")])
@@ -191,7 +189,7 @@ def test_mention_is_frozen() -> None:
     """A delivered mention cannot be altered."""
     mention = make()
     with pytest.raises(ValidationError):
-        mention.text = "changed"  # type: ignore[misc]
+        mention.text = "changed"
 
 
 # --- MentionFeed --------------------------------------------------------------
@@ -339,9 +337,7 @@ def test_probe_without_effect_records_nothing() -> None:
     sink = RecordingProbeSink()
     slept: list[float] = []
 
-    result = probe.run(
-        probe.Probe(id="p-3", work_ms=10, effect=False), sink, 1, sleep=slept.append
-    )
+    result = probe.run(probe.Probe(id="p-3", work_ms=10, effect=False), sink, 1, sleep=slept.append)
 
     assert result == {"id": "p-3"}
     assert slept == [0.01]

@@ -1,0 +1,161 @@
+"""``fleetworks bench throughput``: the guard's cost against plain Celery.
+
+One worker process tree serves both sides of every round, so the machine,
+pool and concurrency are the same: the worker starts consuming an idle queue;
+each side's N tasks are published first, then the worker is told to consume
+that side's queue (``add_consumer``) and the clock runs until the broker
+holds nothing of it (queue empty, nothing unacked: with late acks, every
+task has finished). Sides alternate first place between rounds; the report
+is the median of each side and the ratio of the medians.
+
+Plain side: ``probe.plain``, a no-op task with ``acks_late``, prefetch 1.
+Guarded side: ``probe.run`` with ``effect: false``: validation, the entity
+lock with its fencing token, the claim and the outcome row, and no effect.
+
+Where the time goes is measured apart, in-process: the guard is run on its
+own over fresh keys while Redis ``INFO commandstats`` and an SQLAlchemy
+statement counter record what each guarded task costs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from typing import Any
+
+import redis
+from sqlalchemy import event
+
+from fleetworks.db import get_engine
+from fleetworks.enqueue import enqueue_many
+from fleetworks.procs import Child, celery_argv, fleet_env, wait_workers
+from fleetworks.settings import Settings
+
+PLAIN, GUARDED = "probe.plain", "probe.run"
+IDLE_QUEUE = "bench.idle"
+
+
+def _drained(client: redis.Redis, queue: str) -> bool:
+    return client.llen(queue) == 0 and client.hlen("unacked") == 0
+
+
+def _side(app: Any, client: redis.Redis, worker: str, task: str, *, n: int, tag: str) -> float:
+    """Tasks per second for ``n`` tasks of ``task`` already on their queue."""
+    queue = f"bench.{task}"
+    payloads = [{"id": f"{tag}-{i}", "effect": False} for i in range(n)]
+    enqueue_many(app, task, payloads, queue=queue)
+    started = time.perf_counter()
+    app.control.add_consumer(queue, destination=[worker], reply=True, timeout=5)
+    while not _drained(client, queue):
+        time.sleep(0.002)
+    elapsed = time.perf_counter() - started
+    app.control.cancel_consumer(queue, destination=[worker], reply=True, timeout=5)
+    return n / elapsed
+
+
+def _commandstats(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(int(v["calls"]) for v in stats.values())
+
+
+def profile_guard(settings: Settings, n: int = 200) -> dict[str, float]:
+    """Redis commands and SQL statements per guarded run, measured in-process."""
+    from config import app, fleet
+    from fleetworks.guard import RunContext
+
+    app.loader.import_default_modules()
+    spec, behaviour = fleet.agents[GUARDED], fleet.behaviours[GUARDED]
+
+    statements = 0
+
+    def count(*_: Any) -> None:
+        nonlocal statements
+        statements += 1
+
+    engine = get_engine(settings.database)
+    event.listen(engine, "before_cursor_execute", count)
+    client = redis.Redis.from_url(settings.redis)
+    tag = uuid.uuid4().hex[:8]
+    try:
+        before, started = _commandstats(client), time.perf_counter()
+        for i in range(n):
+            ctx = RunContext(
+                spec=spec,
+                task_id=f"profile-{tag}-{i}",
+                worker="bench-profile",
+                raw_payload={"id": f"profile-{tag}-{i}", "effect": False},
+                explicit_key=None,
+                retries=0,
+                database_url=settings.database,
+            )
+            fleet.guard.run(ctx, behaviour)
+        elapsed = time.perf_counter() - started
+        # One INFO call of ours falls inside the window.
+        redis_cmds = _commandstats(client) - before - 1
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    return {
+        "redis_commands_per_task": round(redis_cmds / n, 2),
+        "sql_statements_per_task": round(statements / n, 2),
+        "guard_ms_per_task_in_process": round(elapsed / n * 1000, 3),
+    }
+
+
+def run_throughput(settings: Settings, *, tasks: int, rounds: int) -> dict[str, Any]:
+    from config import app
+
+    client = redis.Redis.from_url(settings.broker)
+    name = f"bench-{uuid.uuid4().hex[:6]}"
+    argv = celery_argv(
+        "worker", "-n", f"{name}@%h", "-Q", IDLE_QUEUE,
+        "-c", str(settings.worker_concurrency), "-P", settings.worker_pool,
+        "--loglevel", "WARNING", "--without-mingle", "--without-gossip",
+    )  # fmt: skip
+    child = Child(name, argv, fleet_env(settings), settings.home / "logs" / "bench.log").start()
+    plain: list[float] = []
+    guarded: list[float] = []
+    try:
+        from fleetworks.services import Fleet
+
+        host = Fleet(settings).hostname
+        wait_workers(app, [f"{name}@{host}"], timeout_s=60)
+        worker = f"{name}@{host}"
+        # Warm both paths (imports, connections, script loading) before timing.
+        _side(app, client, worker, PLAIN, n=50, tag=f"{name}-warm")
+        _side(app, client, worker, GUARDED, n=50, tag=f"{name}-warm")
+        for r in range(rounds):
+            order = [(PLAIN, plain), (GUARDED, guarded)]
+            for task, results in order if r % 2 == 0 else reversed(order):
+                results.append(_side(app, client, worker, task, n=tasks, tag=f"{name}-{r}"))
+    finally:
+        child.stop(30)
+    plain_tps, guarded_tps = statistics.median(plain), statistics.median(guarded)
+    return {
+        "tasks": tasks,
+        "rounds": rounds,
+        "concurrency": settings.worker_concurrency,
+        "pool": settings.worker_pool,
+        "plain_tps": round(plain_tps, 1),
+        "guarded_tps": round(guarded_tps, 1),
+        "ratio": round(guarded_tps / plain_tps, 3),
+        "rounds_plain_tps": [round(x, 1) for x in plain],
+        "rounds_guarded_tps": [round(x, 1) for x in guarded],
+        "where_time_goes": profile_guard(settings),
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    w = result["where_time_goes"]
+    return "\n".join(
+        [
+            f"throughput, {result['tasks']} no-op tasks x {result['rounds']} rounds, "
+            f"{result['pool']} pool, concurrency {result['concurrency']}",
+            f"  plain Celery  {result['plain_tps']:>8} tasks/s   {result['rounds_plain_tps']}",
+            f"  guarded       {result['guarded_tps']:>8} tasks/s   {result['rounds_guarded_tps']}",
+            f"  ratio         {result['ratio']}",
+            f"  per guarded task: {w['redis_commands_per_task']} Redis commands, "
+            f"{w['sql_statements_per_task']} SQL statements, "
+            f"{w['guard_ms_per_task_in_process']} ms of guard in-process",
+        ]
+    )
