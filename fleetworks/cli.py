@@ -60,6 +60,13 @@ def _raise_stop(signum: int, _frame: Any) -> NoReturn:
     raise _Stop(signum)
 
 
+def _handle_stop_signals() -> None:
+    """SIGINT and SIGTERM both stop cleanly, even where SIGINT was inherited ignored
+    (a process started in the background by a non-interactive shell)."""
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+
+
 @main.command()
 @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
 @click.option("--no-beat", is_flag=True, help="Do not start beat.")
@@ -69,7 +76,7 @@ def up(no_flower: bool, no_beat: bool) -> None:
 
     settings = _settings()
     _migrate(settings)
-    signal.signal(signal.SIGTERM, _raise_stop)
+    _handle_stop_signals()
     with broker(settings) as url:
         fleet = Fleet(settings)
         try:
@@ -94,6 +101,9 @@ def up(no_flower: bool, no_beat: bool) -> None:
             echo("stopping (warm shutdown: running tasks finish first)...")
             code = 0
         finally:
+            # A second Ctrl-C must not abort the stop halfway; the grace period bounds it.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             fleet.stop()
     sys.exit(code)
 
@@ -107,7 +117,7 @@ def _exec_celery(command: str, *args: str) -> NoReturn:
 
     settings = _settings()
     _migrate(settings)
-    signal.signal(signal.SIGTERM, _raise_stop)
+    _handle_stop_signals()
     with broker(settings):
         proc = subprocess.Popen(celery_argv(command, *args), env=fleet_env(settings))
         try:

@@ -1,0 +1,174 @@
+"""The ``fleetworks`` command as a user runs it, on the embedded default."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from fleetworks.embedded import free_port
+from tests.conftest import wait_for
+
+FLEET_URL_VARS = ("FLEET_BROKER_URL", "FLEET_REDIS_URL", "FLEET_DATABASE_URL")
+
+
+def embedded_env(home: Path) -> dict[str, str]:
+    """The environment of a user who configured nothing: embedded Redis, SQLite."""
+    env = {k: v for k, v in os.environ.items() if k not in FLEET_URL_VARS}
+    env.update(
+        FLEET_HOME=str(home),
+        FLEET_EMBEDDED_REDIS_PORT=str(free_port()),
+        FLEET_FLOWER_PORT=str(free_port()),
+        FLEET_MENTIONS_POLL_INTERVAL_S="2",
+    )
+    return env
+
+
+def fleetworks(
+    *args: str, env: dict[str, str], cwd: Path, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fleetworks", *args],
+        check=False,
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_demo_on_embedded_default_reports_ok(tmp_path: Path) -> None:
+    """`fleetworks demo --json` with nothing configured: real redis-server, SQLite, ok."""
+    env = embedded_env(tmp_path / ".fleet")
+    done = fleetworks("demo", "--mentions", "300", "--json", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["ok"] is True
+    assert report["tasks_lost"] == 0
+    assert report["effects_duplicated"] == 0
+    assert report["effects"] == 300
+    assert report["tasks_settled"] == report["tasks_enqueued"]
+    assert report["duplicates_injected"] >= 0.2 * 300
+    assert report["skipped_duplicate"] == report["duplicates_injected"]
+    assert report["rejected"] == 6
+    # The embedded Redis kept its data (AOF) and the results database under the home.
+    assert (tmp_path / ".fleet" / "fleet.db").exists()
+    assert any((tmp_path / ".fleet" / "redis").glob("appendonly*"))
+    # Nothing left running: the embedded Redis port is closed again.
+    port = int(env["FLEET_EMBEDDED_REDIS_PORT"])
+    listening = [c for c in psutil.net_connections() if c.status == psutil.CONN_LISTEN and c.laddr]
+    assert not any(c.laddr.port == port for c in listening)
+
+
+def test_up_serves_flower_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    """`fleetworks up`: broker, worker, beat (its poll runs) and Flower; SIGINT stops all."""
+    env = embedded_env(tmp_path / ".fleet")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleetworks", "up"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{env['FLEET_FLOWER_PORT']}/metrics"
+
+        def flower_sees_worker() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    metrics = resp.read().decode()
+            except OSError:
+                return False
+            # The worker's events reached Flower: it is online and ran beat's poll.
+            return 'flower_worker_online{worker="worker@' in metrics and (
+                'task="mentions.poll",type="task-succeeded",worker="worker@' in metrics
+            )
+
+        wait_for(flower_sees_worker, timeout_s=90, what="Flower to see the worker run a poll")
+        tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(tree) >= 5  # up, redis-server, worker (+ pool), beat, flower
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopping" in out
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in tree[1:]):
+        time.sleep(0.1)
+    left = [p for p in tree[1:] if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert left == [], f"still running after Ctrl-C: {left}"
+
+
+def test_bench_throughput_reports_ratio_against_plain_celery(tmp_path: Path) -> None:
+    """A short `bench throughput --json` run has both sides and where the time goes."""
+    env = embedded_env(tmp_path / ".fleet")
+    args = ("bench", "throughput", "--tasks", "100", "--rounds", "1", "--json")
+    done = fleetworks(*args, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["plain_tps"] > 0 and result["guarded_tps"] > 0
+    assert result["ratio"] == pytest.approx(result["guarded_tps"] / result["plain_tps"], rel=0.01)
+    costs = result["where_time_goes"]
+    # Acquire and release (2 scripts running SET, INCR, GET, DEL): 6 commands.
+    assert costs["redis_commands_per_task"] == pytest.approx(6, abs=0.1)
+    # BEGIN + claim upsert, BEGIN + outcome update.
+    assert costs["sql_statements_per_task"] == pytest.approx(4, abs=0.1)
+
+
+def test_enqueue_refuses_bad_json_and_unknown_agent(tmp_path: Path) -> None:
+    """Bad input to `enqueue` is a clear error naming the problem, exit code 2."""
+    env = dict(os.environ, FLEET_HOME=str(tmp_path / ".fleet"))
+    bad_json = fleetworks(
+        "enqueue", "mentions.respond", "--payload", "{nope", env=env, cwd=tmp_path
+    )
+    assert bad_json.returncode == 2
+    assert "not JSON" in bad_json.stderr
+    unknown = fleetworks("enqueue", "no.such", "--payload", "{}", env=env, cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert "unknown agent 'no.such'" in unknown.stderr
+
+
+def test_enqueue_then_outcomes_json(tmp_path: Path, sqlite_url: str) -> None:
+    """`enqueue` sends a task a worker runs; `outcomes --json` shows its row."""
+    from tests.conftest import start_worker, truncate
+
+    truncate(sqlite_url)
+    worker = start_worker(sqlite_url, tmp_path, f"cli{os.getpid()}")
+    env = dict(os.environ, FLEET_DATABASE_URL=sqlite_url, FLEET_QUEUE=worker.queue)
+    try:
+        sent = fleetworks(
+            "enqueue", "probe.run", "--payload", '{"id": "cli-1"}', "--json", env=env, cwd=tmp_path
+        )
+        assert sent.returncode == 0, sent.stderr
+        task_id = json.loads(sent.stdout)["task_id"]
+
+        def listed() -> dict[str, Any] | None:
+            out = fleetworks("outcomes", "--agent", "probe.run", "--json", env=env, cwd=tmp_path)
+            rows = json.loads(out.stdout)["outcomes"]
+            return next((r for r in rows if r["task_id"] == task_id), None)
+
+        row = wait_for(listed, what="the outcome row in `fleetworks outcomes`")
+        assert row["status"] == "succeeded"
+        assert row["idempotency_key"] == "probe:cli-1"
+    finally:
+        worker.child.stop(15)
+        truncate(sqlite_url)
+
+
+def test_flower_refuses_public_bind_without_auth(tmp_path: Path) -> None:
+    """Flower beyond loopback without basic auth is a settings error, not a silent risk."""
+    env = dict(os.environ, FLEET_FLOWER_ADDRESS="0.0.0.0")
+    done = fleetworks("outcomes", env=env, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "FLEET_FLOWER_BASIC_AUTH" in done.stderr
