@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fleetworks import constants as c
+from fleetworks.agent import REAP_TASK
 from fleetworks.settings import Settings
 
 
@@ -21,5 +23,10 @@ def schedule(settings: Settings) -> dict[str, Any]:
             "schedule": interval,
             "kwargs": {"limit": settings.mentions_per_poll},
             "options": {"expires": interval},
+        },
+        "reap-orphaned-claims": {
+            "task": REAP_TASK,
+            "schedule": c.REAP_INTERVAL_S,
+            "options": {"expires": c.REAP_INTERVAL_S},
         },
     }

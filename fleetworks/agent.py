@@ -15,19 +15,17 @@ from typing import Any
 
 from celery import Celery, Task
 
-from fleetworks.guard import (
-    AgentSpec,
-    ClaimKey,
-    EntityLock,
-    Guard,
-    RetryRequested,
-    RunContext,
-    ValidatePayload,
-)
+from fleetworks import constants as c
+from fleetworks.context import AgentSpec, RetryRequested, RunContext
+from fleetworks.guard import Guard
+from fleetworks.hooks import ClaimKey, EntityLock, ValidatePayload
 from fleetworks.redisconn import get_redis
 from fleetworks.settings import Settings
 
 Behaviour = Callable[[RunContext, Any], Any]
+
+#: Name of the runtime's reaper task, scheduled by beat.
+REAP_TASK = "fleet.reap"
 
 #: Share of the hard time limit given as the soft limit, so a behaviour gets
 #: ``SoftTimeLimitExceeded`` and can stop cleanly before it is killed.
@@ -52,13 +50,31 @@ class Fleet:
     def __init__(self, app: Celery, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        lock = EntityLock(lambda: get_redis(settings.redis))
-        self.guard = Guard([ValidatePayload(), lock, ClaimKey(lock)])
+        self.lock = EntityLock(lambda: get_redis(settings.redis))
+        self.guard = Guard([ValidatePayload(), self.lock, ClaimKey(self.lock)])
         self.agents: dict[str, AgentSpec] = {}
         self.behaviours: dict[str, Behaviour] = {}
+        self._register_reaper()
+
+    def _register_reaper(self) -> None:
+        fleet = self
+
+        @self.app.task(name=REAP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+        def reap() -> dict[str, Any]:
+            """Republish claims whose holder is gone (see fleetworks.reaper)."""
+            from fleetworks.reaper import reap as reap_orphans
+
+            keys = reap_orphans(fleet.app, fleet.settings.database, fleet.lock.locks)
+            return {"republished": len(keys)}
 
     def agent(self, spec: AgentSpec) -> Callable[[Behaviour], Task]:
         """Decorator: bind ``behaviour`` to a guarded Celery task named ``spec.name``."""
+
+        if spec.time_limit_s > c.MAX_TIME_LIMIT_S:
+            raise ValueError(
+                f"{spec.name}: time_limit_s {spec.time_limit_s} exceeds MAX_TIME_LIMIT_S "
+                f"{c.MAX_TIME_LIMIT_S}, from which the broker's visibility timeout is derived"
+            )
 
         def bind(behaviour: Behaviour) -> Task:
             fleet = self
@@ -102,6 +118,7 @@ class Fleet:
             retries=request.retries or 0,
             database_url=self.settings.database,
             shape_error=problem,
+            queue=(request.delivery_info or {}).get("routing_key"),
         )
         try:
             return self.guard.run(ctx, behaviour)

@@ -13,6 +13,7 @@ from celery import Celery
 from celery.signals import worker_process_init
 from kombu.entity import Queue
 
+from fleetworks import constants as c
 from fleetworks import db, redisconn
 from fleetworks.settings import Settings
 
@@ -38,9 +39,24 @@ def celery_config(settings: Settings, beat_schedule: dict[str, Any]) -> dict[str
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
+        "broker_transport_options": transport_options(),
         "beat_schedule": beat_schedule,
         "timezone": "UTC",
         "enable_utc": True,
+    }
+
+
+def visibility_timeout_s() -> float:
+    """How long the broker waits before handing an unacked message to another
+    worker: longer than any task may run plus its longest retry wait."""
+    return c.MAX_TIME_LIMIT_S + c.RETRY_BACKOFF_MAX_S + c.VISIBILITY_SLACK_S
+
+
+def transport_options() -> dict[str, Any]:
+    return {
+        "visibility_timeout": visibility_timeout_s(),
+        "unacked_restore_interval": c.UNACKED_RESTORE_INTERVAL_S,
+        "unacked_restore_throttle": 1,
     }
 
 

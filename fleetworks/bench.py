@@ -62,7 +62,7 @@ def _commandstats(client: redis.Redis) -> int:
 def profile_guard(settings: Settings, n: int = 200) -> dict[str, float]:
     """Redis commands and SQL statements per guarded run, measured in-process."""
     from config import app, fleet
-    from fleetworks.guard import RunContext
+    from fleetworks.context import RunContext
 
     app.loader.import_default_modules()
     spec, behaviour = fleet.agents[GUARDED], fleet.behaviours[GUARDED]

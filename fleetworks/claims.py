@@ -25,7 +25,7 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 
 from fleetworks import constants as c
 from fleetworks.db import upsert, upsert_for
-from fleetworks.models import GUARD_EVENTS, OUTCOMES, EventKind, Status
+from fleetworks.models import GUARD_EVENTS, OUTCOMES, TERMINAL, EventKind, Status
 
 _outcomes = OUTCOMES
 _events = GUARD_EVENTS
@@ -55,7 +55,15 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-_CLAIM_COLUMNS = ("agent", "entity_key", "idempotency_key", "fencing_token", "task_id", "worker")
+_CLAIM_COLUMNS = (
+    "agent",
+    "entity_key",
+    "idempotency_key",
+    "fencing_token",
+    "task_id",
+    "worker",
+    "queue",
+)
 
 
 @lru_cache(maxsize=4)
@@ -64,7 +72,12 @@ def _claim_statement(dialect: str) -> Any:
     its compiled form is cached and a claim costs no statement building."""
     stmt = upsert_for(dialect, _outcomes).values(
         {name: bindparam(name) for name in _CLAIM_COLUMNS}
-        | {"status": Status.CLAIMED, "attempts": 1, "started_at": bindparam("started_at")}
+        | {
+            "status": Status.CLAIMED,
+            "attempts": 1,
+            "started_at": bindparam("started_at"),
+            "payload": bindparam("payload", type_=_outcomes.c.payload.type),
+        }
     )
     return stmt.on_conflict_do_update(
         index_elements=[_outcomes.c.idempotency_key],
@@ -75,9 +88,12 @@ def _claim_statement(dialect: str) -> Any:
             "task_id": stmt.excluded.task_id,
             "worker": stmt.excluded.worker,
             "started_at": stmt.excluded.started_at,
+            "payload": stmt.excluded.payload,
+            "queue": stmt.excluded.queue,
             "finished_at": None,
-            "error": None,
             "result": None,
+            "reaped_at": None,
+            # ``error`` is kept: while a retry runs, it is the last error seen.
         },
         where=(_outcomes.c.status.in_([Status.CLAIMED, Status.FAILED]))
         & (_outcomes.c.fencing_token < stmt.excluded.fencing_token),
@@ -113,6 +129,8 @@ def claim(
     fencing_token: int,
     task_id: str | None,
     worker: str | None,
+    payload: Any = None,
+    queue: str | None = None,
 ) -> Claim:
     """Claim ``idempotency_key`` for a run holding ``fencing_token``."""
     row = conn.execute(
@@ -124,23 +142,25 @@ def claim(
             "fencing_token": fencing_token,
             "task_id": task_id,
             "worker": worker,
+            "queue": queue,
+            "payload": payload,
             "started_at": now(),
         },
     ).first()
     if row is not None:
         return Claim(ClaimVerdict.RUN, attempts=int(row[0]))
     found = conn.execute(_FOUND, {"key": idempotency_key}).one()
-    if found.status in (Status.SUCCEEDED, Status.REJECTED):
+    if found.status in TERMINAL:
         return Claim(ClaimVerdict.DUPLICATE, status=found.status)
     return Claim(ClaimVerdict.STALE, stored_token=found.fencing_token)
 
 
 def terminal_status(conn: Connection, idempotency_key: str) -> str | None:
-    """``succeeded`` or ``rejected`` if the key is done for good, else None."""
+    """``succeeded``, ``rejected`` or ``dead`` if the key is done, else None."""
     status = conn.execute(
         select(_outcomes.c.status).where(_outcomes.c.idempotency_key == idempotency_key)
     ).scalar()
-    return status if status in (Status.SUCCEEDED, Status.REJECTED) else None
+    return status if status in TERMINAL else None
 
 
 def finish(
@@ -169,6 +189,50 @@ def finish(
             f"outcome for {idempotency_key!r} refused: fencing token {fencing_token} "
             "is no longer the current claim"
         )
+
+
+def reapable(
+    conn: Connection,
+    *,
+    claimed_before: datetime,
+    failed_before: datetime,
+    reaped_before: datetime,
+    limit: int,
+) -> list[Any]:
+    """Claims whose holder may be gone: ``claimed`` since before ``claimed_before``,
+    or ``failed`` with a retry overdue since ``failed_before``, and not republished
+    since ``reaped_before``."""
+    stale = ((_outcomes.c.status == Status.CLAIMED) & (_outcomes.c.started_at < claimed_before)) | (
+        (_outcomes.c.status == Status.FAILED) & (_outcomes.c.finished_at < failed_before)
+    )
+    fresh = _outcomes.c.reaped_at.is_(None) | (_outcomes.c.reaped_at < reaped_before)
+    return list(
+        conn.execute(
+            select(OUTCOMES)
+            .where(stale & fresh & _outcomes.c.payload.is_not(None))
+            .order_by(_outcomes.c.started_at)
+            .limit(limit)
+        )
+    )
+
+
+def mark_reaped(conn: Connection, row_id: int) -> None:
+    conn.execute(update(_outcomes).where(_outcomes.c.id == row_id).values(reaped_at=now()))
+
+
+def revive(conn: Connection, row_id: int) -> Any:
+    """Turn a ``dead`` row back into ``failed`` with no attempts, for a replay."""
+    row = conn.execute(select(OUTCOMES).where(_outcomes.c.id == row_id)).first()
+    if row is None:
+        raise LookupError(f"no outcome with id {row_id}")
+    if row.status != Status.DEAD:
+        raise ValueError(f"outcome {row_id} is {row.status}, not dead: only dead outcomes replay")
+    conn.execute(
+        update(_outcomes)
+        .where(_outcomes.c.id == row_id)
+        .values(status=Status.FAILED, attempts=0, reaped_at=None)
+    )
+    return row
 
 
 def reject(

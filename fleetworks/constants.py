@@ -38,6 +38,15 @@ DEFAULT_TIME_LIMIT_S: Final = 30.0
 #: claim and outcome writes that run around the behaviour, and clock jitter.
 LOCK_TTL_SLACK_S: Final = 5.0
 
+#: Seconds: upper bound of a lease (the entity lock's TTL) while its holder
+#: renews it. A holder that dies blocks its entity at most this long, however
+#: long its time limit: the heartbeat, not the TTL, keeps a long task's lock.
+LEASE_TTL_MAX_S: Final = 6.0
+
+#: Seconds between lease renewals: a third of the longest lease, so two
+#: renewals in a row can fail (a Redis blip) before the lease runs out.
+LEASE_RENEW_INTERVAL_S: Final = LEASE_TTL_MAX_S / 3
+
 #: Seconds: first back-off when the entity lock is held by another worker.
 #: Doubles per attempt up to ``CONTENTION_BACKOFF_MAX_S``, with full jitter.
 CONTENTION_BACKOFF_BASE_S: Final = 0.2
@@ -55,6 +64,41 @@ DEFAULT_MAX_RETRIES: Final = 3
 
 #: Seconds: first back-off after a failure; doubles per retry, with jitter.
 RETRY_BACKOFF_BASE_S: Final = 1.0
+
+#: Seconds: ceiling of the failure back-off. Also bounds how long a retry
+#: waits in a worker's memory, which the visibility timeout must exceed.
+RETRY_BACKOFF_MAX_S: Final = 60.0
+
+#: Seconds: ceiling of the back-off while Redis or the database is
+#: unreachable: short, so work resumes within seconds of the service.
+UNREACHABLE_BACKOFF_MAX_S: Final = 3.0
+
+#: Count: default claims of one key before it is declared ``dead``.
+DEFAULT_MAX_DELIVERIES: Final = 5
+
+#: Seconds: the longest time limit an agent may declare. The broker's
+#: visibility timeout is derived from it, so a long task is never handed to
+#: a second worker while it still runs (celery#2599).
+MAX_TIME_LIMIT_S: Final = 300.0
+
+#: Seconds added to ``MAX_TIME_LIMIT_S`` + ``RETRY_BACKOFF_MAX_S`` to get the
+#: visibility timeout: the broker's backstop for messages no claim covers.
+VISIBILITY_SLACK_S: Final = 30.0
+
+#: Seconds between kombu's sweeps that restore messages past the visibility
+#: timeout (kombu's default is about 100 s: interval 10 x throttle 10).
+UNACKED_RESTORE_INTERVAL_S: Final = 5
+
+#: Seconds between reaper runs (a beat entry): how often claims whose holder
+#: is gone are looked for.
+REAP_INTERVAL_S: Final = 2.0
+
+#: Seconds a republished key is left alone before it may be republished
+#: again: long enough for the new delivery to be claimed through a backlog.
+REPUBLISH_AFTER_S: Final = 30.0
+
+#: Count: claims examined per reaper run.
+REAP_BATCH: Final = 500
 
 #: Characters of an error message kept in an outcome row. Enough for a
 #: pydantic report on a large payload, small enough to keep rows cheap.

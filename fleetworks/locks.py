@@ -14,8 +14,13 @@ expired can never delete or extend its successor's lock.
 
 from __future__ import annotations
 
+import logging
+import os
 import secrets
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import redis
 
@@ -53,8 +58,16 @@ return 0
 
 
 def lock_ttl_s(time_limit_s: float) -> float:
-    """The lock TTL for a task with hard time limit ``time_limit_s``."""
-    return time_limit_s + c.LOCK_TTL_SLACK_S
+    """The lease TTL for a task with hard time limit ``time_limit_s``: the time
+    limit plus slack, capped at ``LEASE_TTL_MAX_S`` (renewal covers the rest)."""
+    return min(time_limit_s + c.LOCK_TTL_SLACK_S, c.LEASE_TTL_MAX_S)
+
+
+log = logging.getLogger(__name__)
+
+
+class LeaseLostError(RuntimeError):
+    """The lease ran out or was taken over while its holder was still running."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +78,15 @@ class Lease:
     token: str
     fencing_token: int
     ttl_ms: int
+    #: Set by the heartbeat when a renewal finds the lock gone or too late.
+    lost: threading.Event = field(default_factory=threading.Event, compare=False)
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLostError` if the lease is known to be lost."""
+        if self.lost.is_set():
+            raise LeaseLostError(
+                f"lease on {self.entity!r} (fencing token {self.fencing_token}) was lost"
+            )
 
 
 class EntityLocks:
@@ -106,3 +128,66 @@ class EntityLocks:
 
     def current_fence(self, entity: str) -> int:
         return int(self._client.get(c.FENCE_KEY + entity) or 0)
+
+
+class Heartbeat:
+    """Renews every lease held in this process, from one daemon thread.
+
+    python-redis-lock's auto-renewal dies silently (its #85, #91): here a
+    renewal that finds the lock gone, or that could not reach Redis before the
+    lease ran out, sets ``lease.lost`` so the task learns it before its effect,
+    and the fencing token makes its late writes fail anyway. The thread is
+    started lazily and again after a fork (threads do not survive ``fork()``).
+    """
+
+    def __init__(
+        self, locks: Callable[[], EntityLocks], interval_s: float = c.LEASE_RENEW_INTERVAL_S
+    ) -> None:
+        self._locks = locks
+        self._interval_s = interval_s
+        self._leases: dict[str, tuple[Lease, float]] = {}
+        self._mutex = threading.Lock()
+        self._wake = threading.Event()
+        self._pid = 0
+
+    def watch(self, lease: Lease) -> None:
+        with self._mutex:
+            self._leases[lease.token] = (lease, time.monotonic())
+        self._ensure_thread()
+
+    def unwatch(self, lease: Lease) -> None:
+        with self._mutex:
+            self._leases.pop(lease.token, None)
+
+    def _ensure_thread(self) -> None:
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        threading.Thread(target=self._run, name="fleet-lease-heartbeat", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._wake.wait(self._interval_s):
+            self.renew_all()
+
+    def renew_all(self) -> None:
+        with self._mutex:
+            held = list(self._leases.values())
+        for lease, renewed_at in held:
+            self._renew(lease, renewed_at)
+
+    def _renew(self, lease: Lease, renewed_at: float) -> None:
+        try:
+            ok = self._locks().renew(lease)
+        except redis.RedisError as exc:
+            if time.monotonic() - renewed_at > lease.ttl_ms / 1000:
+                log.warning("lease on %s lost: Redis unreachable (%s)", lease.entity, exc)
+                lease.lost.set()
+            return
+        if not ok:
+            log.warning("lease on %s lost: the lock expired or was taken over", lease.entity)
+            lease.lost.set()
+            self.unwatch(lease)
+            return
+        with self._mutex:
+            if lease.token in self._leases:
+                self._leases[lease.token] = (lease, time.monotonic())

@@ -25,21 +25,30 @@ class Base(DeclarativeBase):
 
 
 class Status(StrEnum):
-    """States of an outcome row: ``claimed`` -> ``succeeded | failed | rejected``.
+    """States of an outcome row: ``claimed`` -> ``succeeded | failed | rejected | dead``.
 
     ``failed`` may be claimed again (a retry); ``succeeded`` and ``rejected``
-    are terminal.
+    are terminal; ``dead`` (deliveries or retries exhausted) is terminal until
+    an operator replays it.
     """
 
     CLAIMED = "claimed"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     REJECTED = "rejected"
+    DEAD = "dead"
+
+
+#: States in which a key is done: a new delivery of it is a duplicate.
+TERMINAL = (Status.SUCCEEDED, Status.REJECTED, Status.DEAD)
 
 
 class EventKind(StrEnum):
     SKIPPED_DUPLICATE = "skipped_duplicate"
     SKIPPED_LOCKED = "skipped_locked"
+    SKIPPED_DEAD = "skipped_dead"
+    REPUBLISHED = "republished"
+    REPLAYED = "replayed"
     LOCK_CONTENDED = "lock_contended"
     DUPLICATE_EFFECT = "duplicate_effect"
     STALE_WRITE = "stale_write"
@@ -61,9 +70,16 @@ class Outcome(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
     result: Mapped[Any | None] = mapped_column(JSON)
+    #: The validated payload and the queue it came from: what the reaper and
+    #: ``fleetworks replay`` need to publish the task again.
+    payload: Mapped[Any | None] = mapped_column(JSON)
+    queue: Mapped[str | None] = mapped_column(String(200))
+    #: When the reaper last republished this key (None: never).
+    reaped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         Index("ix_outcomes_agent_status", "agent", "status"),
+        Index("ix_outcomes_status_started", "status", "started_at"),
         Index("ix_outcomes_task_id", "task_id"),
     )
 

@@ -10,9 +10,9 @@ from sqlalchemy import insert, update
 from agents import mentions
 from config.celery import app, fleet
 from fleetworks.claims import StaleWriteError, now
+from fleetworks.context import AgentSpec, RunContext
 from fleetworks.db import transaction, upsert
 from fleetworks.enqueue import enqueue_many
-from fleetworks.guard import AgentSpec, RunContext
 from fleetworks.models import MENTIONS, RESPONSES
 
 RESPOND = "mentions.respond"

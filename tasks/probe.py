@@ -9,7 +9,7 @@ from sqlalchemy import insert
 from agents import probe
 from config.celery import app, fleet
 from fleetworks.claims import now
-from fleetworks.guard import AgentSpec, RunContext
+from fleetworks.context import AgentSpec, RunContext
 from fleetworks.models import PROBE_EFFECTS
 
 GUARDED = "probe.run"

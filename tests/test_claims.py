@@ -194,8 +194,9 @@ def test_claim_of_failed_key_with_older_token_is_stale(database_url: str) -> Non
     assert row(database_url)["status"] == Status.FAILED
 
 
-def test_reclaim_after_failure_runs_again_with_error_cleared(database_url: str) -> None:
-    """A failed key is retried: attempts grow, error and finish time are cleared."""
+def test_reclaim_after_failure_runs_again_keeping_last_error(database_url: str) -> None:
+    """A failed key is retried: attempts grow, finish time is cleared, and the last
+    error stays visible while the retry runs (success clears it)."""
     # Given a key that failed once
     claim(database_url, 1)
     finish(database_url, 1, Status.FAILED, error="upstream timeout")
@@ -206,13 +207,13 @@ def test_reclaim_after_failure_runs_again_with_error_cleared(database_url: str) 
     # When the retry claims it with a newer token
     got = claim(database_url, 2, task_id="t-1", worker="w-2")
 
-    # Then it runs as attempt 2 on a clean row
+    # Then it runs as attempt 2, the previous attempt's error still on record
     assert got == Claim(ClaimVerdict.RUN, attempts=2)
     stored = row(database_url)
     assert stored["status"] == Status.CLAIMED
     assert stored["attempts"] == 2
     assert stored["fencing_token"] == 2
-    assert stored["error"] is None
+    assert stored["error"] == "upstream timeout"
     assert stored["finished_at"] is None
     assert stored["worker"] == "w-2"
     assert len(rows(database_url)) == 1
