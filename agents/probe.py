@@ -7,6 +7,8 @@ effect is a row in a ledger with a UNIQUE key, so a duplicate is caught.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -22,6 +24,14 @@ class Probe(BaseModel):
     work_ms: int = Field(default=0, ge=0, le=600_000)
     #: Write the ledger row (False: a no-op task, for benchmarks).
     effect: bool = True
+    #: Raise on attempts 1..N (a flaky dependency): exercises retries and dead letters.
+    fail_attempts: int = Field(default=0, ge=0, le=100)
+    #: Kill the process running it (a poison message): exercises max_deliveries.
+    crash: bool = False
+
+
+class ProbeFailure(RuntimeError):
+    """The failure a probe with ``fail_attempts`` raises."""
 
 
 class ProbeSink(Protocol):
@@ -32,8 +42,15 @@ def run(
     probe: Probe,
     sink: ProbeSink,
     fencing_token: int,
+    *,
+    attempt: int = 1,
     sleep: Callable[[float], None] = time.sleep,
+    crash: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGKILL),
 ) -> dict[str, str]:
+    if probe.crash:
+        crash()
+    if attempt <= probe.fail_attempts:
+        raise ProbeFailure(f"probe {probe.id}: failing attempt {attempt} of {probe.fail_attempts}")
     if probe.work_ms:
         sleep(probe.work_ms / 1000)
     if probe.effect:

@@ -20,6 +20,7 @@ from fleetworks.context import AgentSpec, RetryRequested, RunContext
 from fleetworks.guard import Guard
 from fleetworks.hooks import ClaimKey, EntityLock, ValidatePayload
 from fleetworks.redisconn import get_redis
+from fleetworks.request import GuardedTask
 from fleetworks.settings import Settings
 
 Behaviour = Callable[[RunContext, Any], Any]
@@ -81,6 +82,7 @@ class Fleet:
 
             @self.app.task(  # type: ignore[untyped-decorator]
                 name=spec.name,
+                base=GuardedTask,
                 bind=True,
                 acks_late=True,
                 reject_on_worker_lost=True,
@@ -93,11 +95,24 @@ class Fleet:
             def run(task: Task, *args: Any, **kwargs: Any) -> Any:
                 return fleet.execute(task, spec, behaviour, args, kwargs)
 
+            run.free_orphaned_lease = lambda kwargs, tag: fleet.free_orphaned_lease(
+                spec, kwargs, tag
+            )
             self.agents[spec.name] = spec
             self.behaviours[spec.name] = behaviour
             return run
 
         return bind
+
+    def free_orphaned_lease(self, spec: AgentSpec, kwargs: dict[str, Any], tag: str) -> bool:
+        """In the worker's main process: delete the lease a lost child held."""
+        payload, key, problem = unpack((), kwargs)
+        if problem is not None or not isinstance(payload, dict):
+            return False
+        parsed = spec.payload.model_validate(payload)
+        key = key if key is not None else spec.key(parsed)
+        entity = spec.entity(parsed) if spec.entity else key
+        return self.lock.locks.release_owner(entity, tag)
 
     def execute(
         self,
@@ -109,6 +124,7 @@ class Fleet:
     ) -> Any:
         payload, key, problem = unpack(args, kwargs)
         request = task.request
+        delivery = request.delivery_info or {}
         ctx = RunContext(
             spec=spec,
             task_id=request.id or "",
@@ -118,7 +134,8 @@ class Fleet:
             retries=request.retries or 0,
             database_url=self.settings.database,
             shape_error=problem,
-            queue=(request.delivery_info or {}).get("routing_key"),
+            queue=delivery.get("routing_key"),
+            delivery_tag=str(delivery.get("delivery_tag") or ""),
         )
         try:
             return self.guard.run(ctx, behaviour)

@@ -211,6 +211,49 @@ def outcomes(agent: str | None, status: str | None, limit: int, as_json: bool) -
 
 
 @main.command()
+@click.option("--agent", default=None)
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def dead(agent: str | None, limit: int, as_json: bool) -> None:
+    """Dead letters: keys that ran out of deliveries or retries, with their last error."""
+    from fleetworks.reports import list_outcomes
+
+    rows = list_outcomes(_settings().database, agent=agent, status="dead", limit=limit)
+    if as_json:
+        _print_json({"dead": rows})
+        return
+    if not rows:
+        click.echo("no dead letters")
+    for r in rows:
+        click.echo(
+            f"{r['id']:>6} {r['agent']:<18} {r['idempotency_key']:<40} tries={r['attempts']}"
+        )
+        click.echo(f"       {(r['error'] or '').splitlines()[0][:200]}")
+
+
+@main.command()
+@click.argument("outcome_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def replay(outcome_id: int, as_json: bool) -> None:
+    """Run dead outcome OUTCOME_ID again (see `fleetworks dead`)."""
+    from fleetworks.reaper import replay as replay_dead
+    from fleetworks.services import require_broker
+
+    settings = _settings()
+    require_broker(settings)
+    from config import app
+
+    try:
+        row = replay_dead(app, settings.database, outcome_id)
+    except (LookupError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="OUTCOME_ID") from None
+    if as_json:
+        _print_json({"replayed": outcome_id, "agent": row.agent, "key": row.idempotency_key})
+    else:
+        click.echo(f"replayed {row.agent} {row.idempotency_key} (task {row.task_id})")
+
+
+@main.command()
 @click.option("--mentions", default=1000, show_default=True, help="Distinct mentions to feed.")
 @click.option("--duplicate-rate", default=0.25, show_default=True)
 @click.option("--timeout", "timeout_s", default=600.0, show_default=True)

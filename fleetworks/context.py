@@ -87,6 +87,8 @@ class RunContext:
     shape_error: str | None = None
     #: The queue the message came from (the reaper republishes there).
     queue: str | None = None
+    #: The broker's tag of this delivery: the owner prefix of the lease.
+    delivery_tag: str = ""
     payload: Any = None
     idempotency_key: str = ""
     entity_key: str = ""

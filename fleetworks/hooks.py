@@ -84,7 +84,7 @@ class EntityLock:
         return self._locks
 
     def before(self, ctx: RunContext) -> None:
-        ctx.lease = self.locks.acquire(ctx.entity_key, ctx.spec.lock_ttl_s)
+        ctx.lease = self.locks.acquire(ctx.entity_key, ctx.spec.lock_ttl_s, ctx.delivery_tag)
         if ctx.lease is not None:
             self.heartbeat.watch(ctx.lease)
             return
@@ -122,7 +122,10 @@ class ClaimKey:
                 payload=ctx.raw_payload,
                 queue=ctx.queue,
             )
-            if got.verdict is claims.ClaimVerdict.RUN and got.attempts > ctx.spec.max_deliveries:
+            too_many = got.verdict is claims.ClaimVerdict.RUN and (
+                got.attempts > ctx.spec.max_deliveries
+            )
+            if too_many:
                 claims.finish(
                     conn,
                     idempotency_key=ctx.idempotency_key,
@@ -131,7 +134,8 @@ class ClaimKey:
                     error=f"delivered {got.attempts} times (max_deliveries "
                     f"{ctx.spec.max_deliveries}); see the last error of earlier attempts",
                 )
-                raise Veto(EventKind.SKIPPED_DEAD, f"declared dead after {got.attempts} deliveries")
+        if too_many:  # vetoed after the commit: the dead row must stay
+            raise Veto(EventKind.SKIPPED_DEAD, f"declared dead after {got.attempts} deliveries")
         if got.verdict is claims.ClaimVerdict.DUPLICATE:
             kind = (
                 EventKind.SKIPPED_DEAD if got.status == Status.DEAD else EventKind.SKIPPED_DUPLICATE

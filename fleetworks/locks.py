@@ -40,6 +40,14 @@ end
 return 0
 """
 
+_RELEASE_OWNER = """
+local v = redis.call('get', KEYS[1])
+if v and string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ':' then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
 _RAISE_FENCE = """
 local cur = tonumber(redis.call('get', KEYS[1]) or '0')
 if cur < tonumber(ARGV[1]) then
@@ -98,10 +106,15 @@ class EntityLocks:
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
         self._raise_fence = client.register_script(_RAISE_FENCE)
+        self._release_owner = client.register_script(_RELEASE_OWNER)
 
-    def acquire(self, entity: str, ttl_s: float) -> Lease | None:
-        """A lease on ``entity``, or None when another holder has it."""
-        token = secrets.token_hex(16)
+    def acquire(self, entity: str, ttl_s: float, owner: str = "") -> Lease | None:
+        """A lease on ``entity``, or None when another holder has it.
+
+        ``owner`` (a delivery tag) prefixes the random token, so the process
+        that supervised a dead holder can free exactly that holder's lease.
+        """
+        token = f"{owner}:{secrets.token_hex(16)}" if owner else secrets.token_hex(16)
         ttl_ms = max(1, int(ttl_s * 1000))
         fence = int(
             self._acquire(keys=[c.LOCK_KEY + entity, c.FENCE_KEY + entity], args=[token, ttl_ms])
@@ -113,6 +126,12 @@ class EntityLocks:
     def release(self, lease: Lease) -> bool:
         """Delete the lock if ``lease`` still holds it; False if it had expired."""
         return bool(self._release(keys=[c.LOCK_KEY + lease.entity], args=[lease.token]))
+
+    def release_owner(self, entity: str, owner: str) -> bool:
+        """Delete the lock on ``entity`` if ``owner`` (a delivery) holds it."""
+        if not owner:
+            return False
+        return bool(self._release_owner(keys=[c.LOCK_KEY + entity], args=[owner]))
 
     def renew(self, lease: Lease) -> bool:
         """Extend the lock by its TTL if ``lease`` still holds it."""

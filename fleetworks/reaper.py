@@ -60,3 +60,23 @@ def _republish(app: Celery, row: Any) -> None:
     if row.queue:
         options["queue"] = row.queue
     app.send_task(row.agent, kwargs={"payload": row.payload, "key": row.idempotency_key}, **options)
+
+
+def replay(app: Celery, database_url: str, outcome_id: int) -> Any:
+    """Run a ``dead`` outcome again on purpose: a fresh delivery budget, same key.
+
+    Returns the row as it was when it died.
+    """
+    with transaction(database_url) as conn:
+        row = claims.revive(conn, outcome_id)
+        claims.record_event(
+            conn,
+            EventKind.REPLAYED,
+            agent=row.agent,
+            idempotency_key=row.idempotency_key,
+            task_id=row.task_id,
+            worker="replay",
+            detail=f"replayed after {row.attempts} attempts; last error: {row.error}",
+        )
+    _republish(app, row)
+    return row

@@ -38,13 +38,13 @@ SPEC = AgentSpec(
     payload=probe.Probe,
     key=lambda p: f"probe:{p.id}",
     on_contention="retry",
-    time_limit_s=10.0,
+    time_limit_s=30.0,
 )
 
 
 @fleet.agent(SPEC)
 def run(ctx: RunContext, payload: probe.Probe) -> dict[str, str]:
-    return probe.run(payload, SqlProbeSink(ctx), ctx.fencing_token)
+    return probe.run(payload, SqlProbeSink(ctx), ctx.fencing_token, attempt=ctx.attempts)
 
 
 @app.task(name=PLAIN, acks_late=True, reject_on_worker_lost=True, ignore_result=True)  # type: ignore[untyped-decorator]

@@ -160,12 +160,18 @@ class Worker:
 
 
 def start_worker(
-    database_url: str, log_dir: Path, name: str, concurrency: int = 2, **env: str
+    database_url: str,
+    log_dir: Path,
+    name: str,
+    concurrency: int = 2,
+    queue: str | None = None,
+    **env: str,
 ) -> Worker:
+    """A worker subprocess on ``queue`` (default: its own), ready to consume."""
     from config import app
     from fleetworks.procs import Child, celery_argv, wait_workers
 
-    queue = f"test-{name}"
+    queue = queue or f"test-{name}"
     argv = celery_argv(
         "worker", "-n", f"{name}@%h", "-Q", queue, "-c", str(concurrency),
         "--loglevel", "INFO", "--without-mingle", "--without-gossip",

@@ -1,0 +1,190 @@
+"""Faults against real workers: a paused holder, a killed worker, poison messages."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import func, select
+
+from fleetworks import constants as c
+from fleetworks.db import transaction
+from fleetworks.locks import EntityLocks
+from fleetworks.models import GUARD_EVENTS, OUTCOMES, PROBE_EFFECTS, EventKind
+from fleetworks.reaper import reap, replay
+from tests.conftest import Worker, start_worker, wait_for
+
+
+def outcome(url: str, key: str) -> Any:
+    with transaction(url) as conn:
+        return conn.execute(select(OUTCOMES).where(OUTCOMES.c.idempotency_key == key)).first()
+
+
+def status_is(url: str, key: str, *statuses: str) -> Any:
+    row = outcome(url, key)
+    return row if row is not None and row.status in statuses else None
+
+
+def effects(url: str, effect_key: str) -> list[int]:
+    with transaction(url) as conn:
+        rows = conn.execute(
+            select(PROBE_EFFECTS.c.fencing_token).where(PROBE_EFFECTS.c.effect_key == effect_key)
+        )
+        return [r.fencing_token for r in rows]
+
+
+def event_count(url: str, kind: EventKind, key: str) -> int:
+    with transaction(url) as conn:
+        return int(
+            conn.execute(
+                select(func.count()).where(
+                    (GUARD_EVENTS.c.kind == kind) & (GUARD_EVENTS.c.idempotency_key == key)
+                )
+            ).scalar_one()
+        )
+
+
+def holder_pid(row: Any) -> int:
+    return int(row.worker.rsplit("/", 1)[1])
+
+
+def test_paused_holder_is_fenced_off_after_takeover(
+    worker: Worker, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """SIGSTOP a holder past its lease; a second worker takes over; the first's
+    late write is refused and recorded, and the effect exists once."""
+    # Given worker A running a probe that works 3 s before its effect
+    payload = {"id": "paused", "work_ms": 3000}
+    worker.enqueue("probe.run", payload)
+    first = wait_for(lambda: status_is(worker.database_url, "probe:paused", "claimed"))
+    pid = holder_pid(first)
+    # When A's process is paused until its lease runs out
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(
+            lambda: not redis_client.exists(c.LOCK_KEY + "probe:paused"),
+            timeout_s=c.LEASE_TTL_MAX_S + 5,
+            what="the paused holder's lease to expire",
+        )
+        # and worker B receives the same key (a redelivery, a re-poll)
+        other = start_worker(worker.database_url, tmp_path, f"{worker.name}-b")
+        try:
+            other.enqueue("probe.run", payload)
+            done = wait_for(
+                lambda: status_is(worker.database_url, "probe:paused", "succeeded"),
+                what="worker B to finish the key",
+            )
+        finally:
+            other.child.stop(15)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Then A, resumed, has its write refused and recorded; one effect, B's token.
+    wait_for(
+        lambda: event_count(worker.database_url, EventKind.STALE_WRITE, "probe:paused") == 1,
+        what="the stale write to be refused",
+    )
+    assert done.fencing_token > first.fencing_token
+    assert effects(worker.database_url, "paused") == [done.fencing_token]
+    final = outcome(worker.database_url, "probe:paused")
+    assert (final.status, final.fencing_token) == ("succeeded", done.fencing_token)
+
+
+def test_killed_worker_is_recovered_by_the_reaper_within_seconds(
+    database_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """SIGKILL of a whole worker (main process and pool): its claimed task runs
+    again within seconds, not after the visibility timeout, and once."""
+    from config import app
+
+    queue = f"reap-{os.getpid()}"
+    a = start_worker(database_url, tmp_path, f"reap-a-{os.getpid()}", queue=queue)
+    b: Worker | None = None
+    try:
+        # Given a task claimed by worker A
+        a.enqueue("probe.run", {"id": "orphan", "work_ms": 4000})
+        first = wait_for(lambda: status_is(database_url, "probe:orphan", "claimed"))
+        # When the whole of worker A dies at once
+        killed_at = time.monotonic()
+        os.killpg(a.child.pid, signal.SIGKILL)
+        b = start_worker(database_url, tmp_path, f"reap-b-{os.getpid()}", queue=queue)
+        # Then the reaper (run here as beat would) republishes it once the lease is gone
+        locks = EntityLocks(redis_client)
+        wait_for(lambda: reap(app, database_url, locks), timeout_s=20, what="the reaper")
+        done = wait_for(
+            lambda: status_is(database_url, "probe:orphan", "succeeded"),
+            what="the republished task to succeed",
+        )
+        recovery_s = time.monotonic() - killed_at
+        assert recovery_s < c.LEASE_TTL_MAX_S + 4 + 10, recovery_s
+        assert done.attempts == 2 and done.fencing_token > first.fencing_token
+        assert effects(database_url, "orphan") == [done.fencing_token]
+        # And the broker's late redelivery of the original message is a duplicate.
+        app.send_task(
+            "probe.run", kwargs={"payload": {"id": "orphan", "work_ms": 4000}}, queue=queue
+        )
+        wait_for(
+            lambda: event_count(database_url, EventKind.SKIPPED_DUPLICATE, "probe:orphan") == 1
+        )
+        assert effects(database_url, "orphan") == [done.fencing_token]
+    finally:
+        a.child.stop(5)
+        if b is not None:
+            b.child.stop(15)
+
+
+def test_poison_message_goes_dead_after_max_deliveries(worker: Worker) -> None:
+    """A message that kills its worker process every time stops after max_deliveries."""
+    worker.enqueue("probe.run", {"id": "poison", "crash": True})
+    dead = wait_for(
+        lambda: status_is(worker.database_url, "probe:poison", "dead"),
+        timeout_s=90,
+        what="the poison message to be declared dead",
+    )
+    assert dead.attempts == c.DEFAULT_MAX_DELIVERIES + 1
+    assert "max_deliveries" in dead.error
+    assert effects(worker.database_url, "poison") == []
+
+
+def test_failures_retry_with_backoff_then_dead_then_replay(worker: Worker) -> None:
+    """A behaviour that keeps failing is retried max_retries times, declared dead
+    with its last error, and `replay` runs it again on purpose."""
+    from config import app
+
+    worker.enqueue("probe.run", {"id": "flaky", "fail_attempts": 50})
+    dead = wait_for(
+        lambda: status_is(worker.database_url, "probe:flaky", "dead"),
+        timeout_s=90,
+        what="retries to run out",
+    )
+    assert dead.attempts == c.DEFAULT_MAX_RETRIES + 1
+    assert "ProbeFailure" in dead.error and "failing attempt 4" in dead.error
+    # When an operator replays it
+    replay(app, worker.database_url, dead.id)
+    # Then it runs again from a fresh budget (and, still failing, dies again)
+    wait_for(lambda: event_count(worker.database_url, EventKind.REPLAYED, "probe:flaky") == 1)
+    again = wait_for(
+        lambda: (
+            (r := status_is(worker.database_url, "probe:flaky", "dead"))
+            and r.id == dead.id
+            and r.finished_at > dead.finished_at
+            and r
+        ),
+        timeout_s=90,
+        what="the replayed run to finish",
+    )
+    assert again.attempts == c.DEFAULT_MAX_RETRIES + 1
+
+
+def test_failure_then_success_is_one_effect(worker: Worker) -> None:
+    """A behaviour failing twice then succeeding: retried with back-off, one effect."""
+    worker.enqueue("probe.run", {"id": "recovers", "fail_attempts": 2})
+    done = wait_for(
+        lambda: status_is(worker.database_url, "probe:recovers", "succeeded"), timeout_s=60
+    )
+    assert done.attempts == 3
+    assert done.error is None
+    assert effects(worker.database_url, "recovers") == [done.fencing_token]
