@@ -15,7 +15,6 @@ from typing import Any
 
 from celery import Celery, Task
 
-from fleetworks import constants as c
 from fleetworks.context import AgentSpec, RetryRequested, RunContext
 from fleetworks.guard import Guard
 from fleetworks.hooks import ClaimKey, EntityLock, ValidatePayload
@@ -71,10 +70,10 @@ class Fleet:
     def agent(self, spec: AgentSpec) -> Callable[[Behaviour], Task]:
         """Decorator: bind ``behaviour`` to a guarded Celery task named ``spec.name``."""
 
-        if spec.time_limit_s > c.MAX_TIME_LIMIT_S:
+        if spec.time_limit_s > self.settings.max_time_limit_s:
             raise ValueError(
-                f"{spec.name}: time_limit_s {spec.time_limit_s} exceeds MAX_TIME_LIMIT_S "
-                f"{c.MAX_TIME_LIMIT_S}, from which the broker's visibility timeout is derived"
+                f"{spec.name}: time_limit_s {spec.time_limit_s} exceeds FLEET_MAX_TIME_LIMIT_S "
+                f"{self.settings.max_time_limit_s}, from which the visibility timeout is derived"
             )
 
         def bind(behaviour: Behaviour) -> Task:

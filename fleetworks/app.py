@@ -39,22 +39,22 @@ def celery_config(settings: Settings, beat_schedule: dict[str, Any]) -> dict[str
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
-        "broker_transport_options": transport_options(),
+        "broker_transport_options": transport_options(settings),
         "beat_schedule": beat_schedule,
         "timezone": "UTC",
         "enable_utc": True,
     }
 
 
-def visibility_timeout_s() -> float:
+def visibility_timeout_s(settings: Settings) -> float:
     """How long the broker waits before handing an unacked message to another
     worker: longer than any task may run plus its longest retry wait."""
-    return c.MAX_TIME_LIMIT_S + c.RETRY_BACKOFF_MAX_S + c.VISIBILITY_SLACK_S
+    return settings.max_time_limit_s + c.RETRY_BACKOFF_MAX_S + c.VISIBILITY_SLACK_S
 
 
-def transport_options() -> dict[str, Any]:
+def transport_options(settings: Settings) -> dict[str, Any]:
     return {
-        "visibility_timeout": visibility_timeout_s(),
+        "visibility_timeout": visibility_timeout_s(settings),
         "unacked_restore_interval": c.UNACKED_RESTORE_INTERVAL_S,
         "unacked_restore_throttle": 1,
     }

@@ -276,6 +276,75 @@ def demo(mentions: int, duplicate_rate: float, timeout_s: float, as_json: bool) 
     sys.exit(0 if report.ok else 1)
 
 
+@main.command()
+@click.option("--tasks", default=300, show_default=True)
+@click.option(
+    "--faults",
+    "fault_kinds",
+    default="child-kill,worker-kill,redis-restart,db-pause,stop-cont",
+    show_default=True,
+    help="Comma-separated fault kinds.",
+)
+@click.option("--per-kind", default=1, show_default=True, help="Faults of each kind.")
+@click.option("--db-pause", "db_pause_s", default=10.0, show_default=True)
+@click.option("--seed", default=1, show_default=True)
+@click.option("--timeout", "timeout_s", default=900.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def chaos(
+    *,
+    tasks: int,
+    fault_kinds: str,
+    per_kind: int,
+    db_pause_s: float,
+    seed: int,
+    timeout_s: float,
+    as_json: bool,
+) -> None:
+    """Run guarded tasks under real faults; exit 0 only if none was lost or duplicated."""
+    from fleetworks.chaos import render, run_chaos
+    from fleetworks.embedded import EmbeddedRedis, ping
+
+    settings = _settings()
+    kinds = [k.strip() for k in fault_kinds.split(",") if k.strip()]
+    if "redis-restart" in kinds and not settings.embedded:
+        raise click.BadParameter(
+            "redis-restart restarts the embedded Redis: unset FLEET_BROKER_URL",
+            param_hint="--faults",
+        )
+    if settings.embedded and ping(settings.broker):
+        raise click.ClickException(
+            f"something already answers on {redact(settings.broker)}: chaos owns its broker; "
+            "stop `fleetworks up` or set FLEET_EMBEDDED_REDIS_PORT"
+        )
+    _migrate(settings)
+    redis = None
+    if settings.embedded:
+        redis = EmbeddedRedis(
+            settings.home / "redis", settings.embedded_redis_port, settings.redis_server
+        ).start()
+    try:
+        report = run_chaos(
+            settings,
+            redis,
+            tasks=tasks,
+            kinds=kinds,
+            per_kind=per_kind,
+            seed=seed,
+            db_pause_s=db_pause_s,
+            timeout_s=timeout_s,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--faults") from None
+    finally:
+        if redis is not None:
+            redis.stop()
+    if as_json:
+        _print_json(asdict(report))
+    else:
+        click.echo(render(report))
+    sys.exit(0 if report.ok else 1)
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks, each against plain Celery measured in the same run."""

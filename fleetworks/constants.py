@@ -67,21 +67,29 @@ RETRY_BACKOFF_BASE_S: Final = 1.0
 
 #: Seconds: ceiling of the failure back-off. Also bounds how long a retry
 #: waits in a worker's memory, which the visibility timeout must exceed.
-RETRY_BACKOFF_MAX_S: Final = 60.0
+RETRY_BACKOFF_MAX_S: Final = 30.0
 
 #: Seconds: ceiling of the back-off while Redis or the database is
 #: unreachable: short, so work resumes within seconds of the service.
 UNREACHABLE_BACKOFF_MAX_S: Final = 3.0
 
+#: Seconds a task waits in place, retrying, while Redis or the database is
+#: unreachable, before it falls back to a Celery retry (capped at half its
+#: time limit). Waiting in place keeps the message with a live claim instead
+#: of parking it as a countdown retry, which a worker death would strand
+#: until the visibility timeout.
+UNREACHABLE_WAIT_S: Final = 20.0
+
 #: Count: default claims of one key before it is declared ``dead``.
 DEFAULT_MAX_DELIVERIES: Final = 5
 
-#: Seconds: the longest time limit an agent may declare. The broker's
-#: visibility timeout is derived from it, so a long task is never handed to
-#: a second worker while it still runs (celery#2599).
-MAX_TIME_LIMIT_S: Final = 300.0
+#: Seconds: default of ``FLEET_MAX_TIME_LIMIT_S``, the longest time limit an
+#: agent may declare. The broker's visibility timeout is derived from it, so
+#: a long task is not handed to a second worker while it still runs
+#: (celery#2599); raise it for agents that need longer.
+MAX_TIME_LIMIT_S: Final = 60.0
 
-#: Seconds added to ``MAX_TIME_LIMIT_S`` + ``RETRY_BACKOFF_MAX_S`` to get the
+#: Seconds added to the max time limit + ``RETRY_BACKOFF_MAX_S`` to get the
 #: visibility timeout: the broker's backstop for messages no claim covers.
 VISIBILITY_SLACK_S: Final = 30.0
 

@@ -23,6 +23,7 @@ How a run can end:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,13 +64,22 @@ class Guard:
         self.hooks = list(hooks)
 
     def run(self, ctx: RunContext, behaviour: Callable[[RunContext, Any], Any]) -> Any:
-        try:
-            return self._run(ctx, behaviour)
-        except UNREACHABLE as exc:
-            wait = backoff(ctx.retries, c.CONTENTION_BACKOFF_BASE_S, c.UNREACHABLE_BACKOFF_MAX_S)
-            log.warning("%s %s: service unreachable, retry in %.1fs: %s",
-                        ctx.spec.name, ctx.task_id, wait, exc)  # fmt: skip
-            raise RetryRequested(wait, f"unreachable: {exc}") from exc
+        """Run once; while a service is unreachable, wait in place and run again."""
+        budget = min(c.UNREACHABLE_WAIT_S, ctx.spec.time_limit_s / 2)
+        deadline = time.monotonic() + budget
+        tries = 0
+        while True:
+            try:
+                return self._run(ctx, behaviour)
+            except UNREACHABLE as exc:
+                wait = backoff(tries, c.CONTENTION_BACKOFF_BASE_S, c.UNREACHABLE_BACKOFF_MAX_S)
+                tries += 1
+                log.warning("%s %s: service unreachable (%s); retrying in %.1fs",
+                            ctx.spec.name, ctx.task_id, exc, wait)  # fmt: skip
+                if time.monotonic() + wait > deadline:
+                    raise RetryRequested(wait, f"unreachable: {exc}") from exc
+                time.sleep(wait)
+                ctx.attempts = 0
 
     def _run(self, ctx: RunContext, behaviour: Callable[[RunContext, Any], Any]) -> Any:
         entered: list[Hook] = []

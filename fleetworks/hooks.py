@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -27,6 +29,8 @@ from fleetworks.context import REJECTED, RunContext, Veto, backoff
 from fleetworks.db import transaction
 from fleetworks.locks import EntityLocks, Heartbeat, LeaseLostError
 from fleetworks.models import EventKind, Status
+
+log = logging.getLogger(__name__)
 
 #: Errors that mean "this run no longer owns its key": never retried.
 STALE = (claims.StaleWriteError, LeaseLostError)
@@ -84,6 +88,12 @@ class EntityLock:
         return self._locks
 
     def before(self, ctx: RunContext) -> None:
+        if ctx.lease is not None:
+            # A lease left by an earlier try of this run (Redis was away when it
+            # ended): free it so the run does not contend with itself.
+            self.heartbeat.unwatch(ctx.lease)
+            with contextlib.suppress(redis.RedisError):
+                self.locks.release(ctx.lease)
         ctx.lease = self.locks.acquire(ctx.entity_key, ctx.spec.lock_ttl_s, ctx.delivery_tag)
         if ctx.lease is not None:
             self.heartbeat.watch(ctx.lease)
@@ -100,9 +110,15 @@ class EntityLock:
         raise Veto(EventKind.LOCK_CONTENDED, f"entity {ctx.entity_key!r} is locked", wait)
 
     def after(self, ctx: RunContext, result: Any, error: BaseException | None) -> None:
-        if ctx.lease is not None:
-            self.heartbeat.unwatch(ctx.lease)
+        if ctx.lease is None:
+            return
+        self.heartbeat.unwatch(ctx.lease)
+        try:
             self.locks.release(ctx.lease)
+        except redis.RedisError as exc:
+            # The outcome is already written; the lease expires by itself.
+            log.warning("could not release lease on %s (%s); it expires in %d ms",
+                        ctx.entity_key, exc, ctx.lease.ttl_ms)  # fmt: skip
 
 
 class ClaimKey:

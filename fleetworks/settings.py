@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=2, ge=1)
     worker_pool: str = "prefork"
     log_level: str = "INFO"
+    #: Longest time limit an agent may declare; the visibility timeout derives from it.
+    max_time_limit_s: float = Field(default=c.MAX_TIME_LIMIT_S, gt=0)
     #: Comma-separated task modules the worker imports.
     task_modules: str = "tasks.mentions,tasks.probe"
 

@@ -1,0 +1,344 @@
+"""``fleetworks chaos``: a bounded run that proves nothing is lost or done twice.
+
+The rig is what ``up`` runs: the broker (the embedded Redis, owned by the
+run so it can be restarted), two workers and beat (whose reaper entry
+republishes orphaned claims), supervised so that a killed worker comes back
+after a second. The run publishes N probe tasks with real effects (a row
+each in ``probe_effects``, UNIQUE on the key) in waves, and before each wave
+but the first injects one fault (:mod:`fleetworks.faults`) while work is in
+flight. Then it waits for every key to settle and counts from the database:
+the effects ledger is counted on its own, apart from the outcome rows.
+
+``max_recovery_s`` is, over all faults, the longest time from a fault to the
+moment every key that was in flight when it hit had its final outcome.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
+
+from fleetworks import faults as f
+from fleetworks.db import transaction
+from fleetworks.embedded import EmbeddedRedis
+from fleetworks.enqueue import enqueue_many
+from fleetworks.models import GUARD_EVENTS, OUTCOMES, PROBE_EFFECTS, TERMINAL, EventKind
+from fleetworks.procs import Child, celery_argv, fleet_env, stop_all, wait_workers, worker_args
+from fleetworks.services import echo
+from fleetworks.settings import Settings
+
+AGENT = "probe.run"
+#: Seconds a killed worker stays down before the rig's supervisor restarts it.
+RESTART_DELAY_S = 1.0
+
+
+@dataclass
+class Rig:
+    settings: Settings
+    redis: EmbeddedRedis | None
+    workers: list[Child] = field(default_factory=list)
+    others: list[Child] = field(default_factory=list)
+    restarts: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self, count: int = 2) -> None:
+        env = fleet_env(self.settings, FLEET_MENTIONS_PER_POLL="0")
+        logs = self.settings.home / "logs"
+        for i in range(count):
+            name = f"chaos{i}"
+            argv = celery_argv("worker", *worker_args(self.settings, name))
+            self.workers.append(Child(name, argv, env, logs / f"{name}.log").start())
+        schedule = str((self.settings.home / "chaos-beat-schedule").resolve())
+        beat = celery_argv("beat", "-s", schedule, "--pidfile=", "--loglevel", "INFO")
+        self.others.append(Child("chaos-beat", beat, env, logs / "chaos-beat.log").start())
+        threading.Thread(target=self._supervise, daemon=True).start()
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(0.2):
+            for w in self.workers:
+                if not w.alive() and not self._stop.is_set():
+                    time.sleep(RESTART_DELAY_S)
+                    w.stop(0)
+                    w.start()
+                    self.restarts += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        stop_all([*self.workers, *self.others], grace_s=15)
+
+
+@dataclass
+class ChaosReport:
+    tasks: int
+    faults: dict[str, int]
+    tasks_settled: int
+    tasks_lost: int
+    succeeded: int
+    dead: int
+    effects: int
+    effects_duplicated: int
+    stale_writes_refused: int
+    republished: int
+    worker_restarts: int
+    max_recovery_s: float
+    recovery_s: dict[str, float]
+    wall_s: float
+    database: str
+    ok: bool
+    fault_log: list[dict[str, Any]]
+
+
+def _keys_where(run: str) -> Any:
+    return OUTCOMES.c.idempotency_key.like(f"probe:{run}-%")
+
+
+def _in_flight(url: str, run: str) -> list[tuple[str, int]]:
+    """(key, pid) of every claim of this run running now, most work first."""
+    try:
+        with transaction(url) as conn:
+            rows = conn.execute(
+                select(OUTCOMES.c.idempotency_key, OUTCOMES.c.worker, OUTCOMES.c.payload).where(
+                    _keys_where(run) & (OUTCOMES.c.status == "claimed")
+                )
+            ).all()
+    except DBAPIError:
+        return []  # the database is paused: nothing to learn right now
+    rows = sorted(rows, key=lambda r: -int((r.payload or {}).get("work_ms", 0)))
+    return [(r.idempotency_key, int(r.worker.rsplit("/", 1)[1])) for r in rows if r.worker]
+
+
+def _settled(url: str, run: str) -> dict[str, Any]:
+    """``key -> finished_at`` of every key of this run with a final outcome."""
+    try:
+        with transaction(url) as conn:
+            rows = conn.execute(
+                select(OUTCOMES.c.idempotency_key, OUTCOMES.c.finished_at).where(
+                    _keys_where(run) & OUTCOMES.c.status.in_(TERMINAL)
+                )
+            ).all()
+    except DBAPIError:
+        return {}
+    return {r.idempotency_key: r.finished_at for r in rows}
+
+
+def _wait_for_work(url: str, run: str, timeout_s: float = 15) -> list[tuple[str, int]]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy = _in_flight(url, run)
+        if busy:
+            return busy
+        time.sleep(0.05)
+    return []
+
+
+def plan(kinds: list[str], per_kind: int, rng: random.Random) -> list[str]:
+    unknown = set(kinds) - set(f.KINDS)
+    if unknown:
+        raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(f.KINDS)}")
+    faults = [k for k in kinds for _ in range(per_kind)]
+    rng.shuffle(faults)
+    return faults
+
+
+def run_chaos(
+    settings: Settings,
+    redis: EmbeddedRedis | None,
+    *,
+    tasks: int,
+    kinds: list[str],
+    per_kind: int,
+    seed: int,
+    db_pause_s: float,
+    timeout_s: float,
+) -> ChaosReport:
+    from config import app
+
+    rng = random.Random(seed)
+    schedule = plan(kinds, per_kind, rng)
+    run = f"chaos{uuid.uuid4().hex[:8]}"
+    url = settings.database
+    rig = Rig(settings, redis)
+    rig.start()
+    injector = f.Injector(rig.workers, redis, url, rng, db_pause_s=db_pause_s)
+    done: list[f.Fault] = []
+    started = time.monotonic()
+    try:
+        wait_workers(app, [f"{w.name}@{_host()}" for w in rig.workers], timeout_s=60)
+        payloads = [{"id": f"{run}-{i}", "work_ms": _work_ms(rng)} for i in range(tasks)]
+        waves = [payloads[i :: len(schedule) + 1] for i in range(len(schedule) + 1)]
+        enqueue_many(app, AGENT, waves[0])
+        for kind, wave in zip(schedule, waves[1:], strict=True):
+            busy = _wait_for_work(url, run)
+            fault = f.Fault(kind, f.now(), "", in_flight=[k for k, _ in busy])
+            fault.detail = injector.inject(kind, [pid for _, pid in busy])
+            echo(f"chaos {run}: {kind}: {fault.detail}")
+            done.append(fault)
+            _publish_retrying(app, wave)
+        settled = _wait_settled(url, run, tasks, started + timeout_s)
+        injector.wait()
+    finally:
+        rig.stop()
+    return _report(
+        url,
+        run,
+        tasks=tasks,
+        faults=done,
+        settled=settled,
+        restarts=rig.restarts,
+        wall_s=time.monotonic() - started,
+    )
+
+
+def _work_ms(rng: random.Random) -> int:
+    """Mostly short tasks, one in ten long enough to be caught mid-run by a fault."""
+    return rng.randint(1000, 3000) if rng.random() < 0.1 else rng.randint(20, 200)
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _publish_retrying(app: Any, wave: list[dict[str, Any]], timeout_s: float = 30) -> None:
+    """Publish a wave; while the broker restarts, try again (the caller's side of
+    'no task lost' is to retry its publish until the broker takes it)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            enqueue_many(app, AGENT, wave)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _wait_settled(url: str, run: str, tasks: int, deadline: float) -> dict[str, Any]:
+    settled: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        settled = _settled(url, run) or settled
+        if len(settled) >= tasks:
+            break
+        time.sleep(0.5)
+    return settled
+
+
+def _count(url: str, query: Any) -> int:
+    with transaction(url) as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def _utc(at: datetime) -> datetime:
+    """SQLite returns naive datetimes; fleetworks stores UTC."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def _report(
+    url: str,
+    run: str,
+    *,
+    tasks: int,
+    faults: list[f.Fault],
+    settled: dict[str, Any],
+    restarts: int,
+    wall_s: float,
+) -> ChaosReport:
+    like = f"probe:{run}-%"
+    e = GUARD_EVENTS.c
+
+    def events(kind: EventKind) -> int:
+        return _count(
+            url, select(func.count()).where((e.kind == kind) & e.idempotency_key.like(like))
+        )
+
+    statuses = _status_counts(url, run)
+    effect_rows = _count(
+        url, select(func.count()).where(PROBE_EFFECTS.c.effect_key.like(f"{run}-%"))
+    )
+    distinct_effects = _count(
+        url,
+        select(func.count(func.distinct(PROBE_EFFECTS.c.effect_key))).where(
+            PROBE_EFFECTS.c.effect_key.like(f"{run}-%")
+        ),
+    )
+    duplicated = events(EventKind.DUPLICATE_EFFECT) + (effect_rows - distinct_effects)
+    for fault in faults:
+        finished = [settled[k] for k in fault.in_flight if k in settled]
+        if finished and len(finished) == len(fault.in_flight):
+            last = max(_utc(t) for t in finished)
+            fault.recovery_s = round((last - fault.at).total_seconds(), 2)
+    recovery: dict[str, float] = {}
+    for fault in faults:
+        if fault.recovery_s is not None:
+            recovery[fault.kind] = max(recovery.get(fault.kind, 0.0), fault.recovery_s)
+    lost = tasks - len(settled)
+    succeeded = statuses.get("succeeded", 0)
+    return ChaosReport(
+        tasks=tasks,
+        faults={k: sum(1 for x in faults if x.kind == k) for k in sorted({x.kind for x in faults})},
+        tasks_settled=len(settled),
+        tasks_lost=lost,
+        succeeded=succeeded,
+        dead=statuses.get("dead", 0),
+        effects=effect_rows,
+        effects_duplicated=duplicated,
+        stale_writes_refused=events(EventKind.STALE_WRITE),
+        republished=events(EventKind.REPUBLISHED),
+        worker_restarts=restarts,
+        max_recovery_s=max(recovery.values(), default=0.0),
+        recovery_s=recovery,
+        wall_s=round(wall_s, 1),
+        database=make_backend(url),
+        ok=lost == 0 and duplicated == 0 and effect_rows == succeeded,
+        fault_log=[_fault_entry(x) for x in faults],
+    )
+
+
+def _fault_entry(fault: f.Fault) -> dict[str, Any]:
+    return {
+        "kind": fault.kind,
+        "detail": fault.detail,
+        "in_flight": len(fault.in_flight),
+        "recovery_s": fault.recovery_s,
+    }
+
+
+def _status_counts(url: str, run: str) -> dict[str, int]:
+    with transaction(url) as conn:
+        rows = conn.execute(
+            select(OUTCOMES.c.status, func.count())
+            .where(_keys_where(run))
+            .group_by(OUTCOMES.c.status)
+        )
+        return {status: int(n) for status, n in rows}
+
+
+def make_backend(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).get_backend_name()
+
+
+def render(report: ChaosReport) -> str:
+    faults = ", ".join(f"{k} x{n}" for k, n in report.faults.items())
+    return "\n".join(
+        [
+            f"fleetworks chaos: {'OK' if report.ok else 'NOT OK'} ({report.database})",
+            f"  tasks     {report.tasks}, settled {report.tasks_settled}, lost {report.tasks_lost}"
+            f", dead {report.dead}, in {report.wall_s} s",
+            f"  faults    {faults}; workers restarted {report.worker_restarts}",
+            f"  effects   {report.effects} (succeeded {report.succeeded}), duplicated "
+            f"{report.effects_duplicated}, stale writes refused {report.stale_writes_refused}",
+            f"  recovery  max {report.max_recovery_s} s; by kind {report.recovery_s}; "
+            f"republished by the reaper {report.republished}",
+        ]
+    )
