@@ -19,7 +19,7 @@ from fleetworks.context import AgentSpec, RetryRequested, RunContext
 from fleetworks.guard import Guard
 from fleetworks.hooks import ClaimKey, EntityLock, ValidatePayload
 from fleetworks.redisconn import get_redis
-from fleetworks.request import GuardedTask
+from fleetworks.request import UNRUNNABLE, GuardedTask
 from fleetworks.settings import Settings
 
 Behaviour = Callable[[RunContext, Any], Any]
@@ -34,6 +34,8 @@ SOFT_LIMIT_SHARE = 0.9
 
 def unpack(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str | None, str | None]:
     """(payload, explicit key, shape problem) from a task's raw arguments."""
+    if UNRUNNABLE in kwargs:
+        return None, None, str(kwargs[UNRUNNABLE])
     extra = set(kwargs) - {"payload", "key"}
     if args or extra or "payload" not in kwargs:
         got = f"{len(args)} positional args, keyword args {sorted(kwargs)}"
@@ -63,9 +65,11 @@ class Fleet:
         def reap() -> dict[str, Any]:
             """Republish claims whose holder is gone (see fleetworks.reaper)."""
             from fleetworks.reaper import reap as reap_orphans
+            from fleetworks.reaper import restore_stranded
 
             keys = reap_orphans(fleet.app, fleet.settings.database, fleet.lock.locks)
-            return {"republished": len(keys)}
+            restored = restore_stranded(fleet.app, fleet, fleet.settings.database)
+            return {"republished": len(keys), "restored": len(restored)}
 
     def agent(self, spec: AgentSpec) -> Callable[[Behaviour], Task]:
         """Decorator: bind ``behaviour`` to a guarded Celery task named ``spec.name``."""

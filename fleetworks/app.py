@@ -15,6 +15,7 @@ from kombu.entity import Queue
 
 from fleetworks import constants as c
 from fleetworks import db, redisconn
+from fleetworks.request import GuardedTask
 from fleetworks.settings import Settings
 
 
@@ -61,7 +62,7 @@ def transport_options(settings: Settings) -> dict[str, Any]:
 
 
 def create_app(settings: Settings, beat_schedule: dict[str, Any]) -> Celery:
-    app = Celery("fleetworks", include=settings.modules)
+    app = Celery("fleetworks", include=settings.modules, task_cls=GuardedTask)
     app.conf.update(celery_config(settings, beat_schedule))
     return app
 

@@ -15,6 +15,7 @@ lower than the new one: a stale holder can neither re-claim nor finish a key.
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -249,8 +250,8 @@ def reject(
     at = now()
     stmt = upsert(conn, _outcomes).values(
         agent=agent,
-        entity_key=entity_key,
-        idempotency_key=f"rejected:{task_id}",
+        entity_key=storable(entity_key, 500),
+        idempotency_key=f"rejected:{storable(task_id, 400)}",
         status=Status.REJECTED,
         attempts=1,
         task_id=task_id,
@@ -286,13 +287,33 @@ def record_event(
     )
 
 
+def storable(text: str, limit: int) -> str:
+    """``text`` as any database column takes it: NUL and unpaired surrogates
+    escaped (PostgreSQL refuses the one, UTF-8 the other), at most ``limit``
+    characters."""
+    if "\x00" in text or not encodable(text):
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+    return text if len(text) <= limit else text[: limit - 15] + "... [truncated]"
+
+
+def encodable(text: str) -> bool:
+    """True when ``text`` encodes as UTF-8 (no unpaired surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _clip(text: str | None) -> str | None:
-    if text is None or len(text) <= c.MAX_ERROR_CHARS:
-        return text
-    return text[: c.MAX_ERROR_CHARS - 15] + "... [truncated]"
+    return None if text is None else storable(text, c.MAX_ERROR_CHARS)
+
+
+_PREVIEW = reprlib.Repr()
+_PREVIEW.maxlevel, _PREVIEW.maxdict, _PREVIEW.maxlist = 4, 20, 20
+_PREVIEW.maxstring = _PREVIEW.maxother = 200
 
 
 def _jsonable_preview(payload: Any) -> str:
     """A bounded text copy of a rejected payload: kept for debugging, never re-parsed."""
-    text = repr(payload)
-    return text if len(text) <= 1000 else text[:985] + "... [truncated]"
+    return storable(_PREVIEW.repr(payload), 1000)

@@ -105,8 +105,18 @@ REAP_INTERVAL_S: Final = 2.0
 #: again: long enough for the new delivery to be claimed through a backlog.
 REPUBLISH_AFTER_S: Final = 30.0
 
+#: Seconds after its delivery that an unacked agent message with no claim, no
+#: lease and no pending countdown is taken for stranded by a lost worker and
+#: restored to its queue: past a lease, a reaper tick and a margin.
+STRANDED_AFTER_S: Final = LEASE_TTL_MAX_S + REAP_INTERVAL_S + 4
+
 #: Count: claims examined per reaper run.
 REAP_BATCH: Final = 500
+
+#: Levels of nesting allowed in a task's arguments. The prefork pool pickles
+#: arguments recursively and overflows at about 470 levels, killing the
+#: worker; deeper payloads are rejected before they reach it, with a margin.
+MAX_PAYLOAD_DEPTH: Final = 256
 
 #: Characters of an error message kept in an outcome row. Enough for a
 #: pydantic report on a large payload, small enough to keep rows cheap.

@@ -30,7 +30,6 @@ import psutil
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from fleetworks import constants as c
 from fleetworks.embedded import EmbeddedRedis
 from fleetworks.procs import Child
 
@@ -56,7 +55,7 @@ class Injector:
     database_url: str
     rng: random.Random
     db_pause_s: float = 10.0
-    stop_s: float = c.LEASE_TTL_MAX_S + c.REAP_INTERVAL_S + 3
+    stop_s: float = 20.0
     background: list[threading.Thread] = field(default_factory=list)
     #: Pool processes paused by stop-cont: not targets until resumed.
     paused: set[int] = field(default_factory=set)

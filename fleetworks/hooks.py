@@ -51,6 +51,25 @@ def describe(exc: ValidationError) -> str:
     return f"{len(problems)} problem(s): " + "; ".join(problems)
 
 
+def unstorable_text(value: Any) -> str | None:
+    """Where in ``value`` a string holds NUL or an unpaired surrogate (a dotted
+    path, ``payload`` for the value itself), or None."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item or not claims.encodable(item):
+                return path or "payload"
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                if isinstance(k, str) and ("\x00" in k or not claims.encodable(k)):
+                    return f"{path or 'payload'} (a field name)"
+                stack.append((v, f"{path}.{k}" if path else str(k)))
+        elif isinstance(item, list):
+            stack.extend((v, f"{path or 'payload'}[{i}]") for i, v in enumerate(item))
+    return None
+
+
 class ValidatePayload:
     def before(self, ctx: RunContext) -> None:
         if ctx.shape_error is not None:
@@ -58,6 +77,13 @@ class ValidatePayload:
         if not isinstance(ctx.raw_payload, dict):
             kind = type(ctx.raw_payload).__name__
             raise Veto(REJECTED, f"payload must be a JSON object, got {kind}")
+        bad_text = unstorable_text(ctx.raw_payload)
+        if bad_text is not None:
+            raise Veto(
+                REJECTED,
+                f"invalid payload for {ctx.spec.name}: 1 problem(s): {bad_text}: "
+                "text must be valid Unicode without NUL characters",
+            )
         try:
             ctx.payload = ctx.spec.payload.model_validate(ctx.raw_payload)
         except ValidationError as exc:
@@ -65,6 +91,8 @@ class ValidatePayload:
         key = ctx.explicit_key if ctx.explicit_key is not None else ctx.spec.key(ctx.payload)
         if not isinstance(key, str) or not key or len(key) > 500:
             raise Veto(REJECTED, "idempotency key must be a non-empty string of <= 500 chars")
+        if unstorable_text(key) is not None:
+            raise Veto(REJECTED, "idempotency key must be valid Unicode without NUL characters")
         ctx.idempotency_key = key
         ctx.entity_key = ctx.spec.entity(ctx.payload) if ctx.spec.entity else key
 
