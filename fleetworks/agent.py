@@ -52,7 +52,9 @@ class Fleet:
     def __init__(self, app: Celery, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self.lock = EntityLock(lambda: get_redis(settings.redis))
+        self.lock = EntityLock(
+            lambda: get_redis(settings.redis, **settings.redis_tls(settings.redis))
+        )
         self.guard = Guard([ValidatePayload(), self.lock, ClaimKey(self.lock)])
         self.agents: dict[str, AgentSpec] = {}
         self.behaviours: dict[str, Behaviour] = {}

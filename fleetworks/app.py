@@ -7,6 +7,7 @@ results database is the record of every outcome).
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 from celery import Celery
@@ -41,6 +42,7 @@ def celery_config(settings: Settings, beat_schedule: dict[str, Any]) -> dict[str
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "broker_transport_options": transport_options(settings),
+        "broker_use_ssl": broker_tls(settings),
         "beat_schedule": beat_schedule,
         "timezone": "UTC",
         "enable_utc": True,
@@ -59,6 +61,19 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         "unacked_restore_interval": c.UNACKED_RESTORE_INTERVAL_S,
         "unacked_restore_throttle": 1,
     }
+
+
+def broker_tls(settings: Settings) -> dict[str, Any] | None:
+    """kombu's ``broker_use_ssl`` for a ``rediss://`` broker (the same CA and
+    check as the lock client), else None."""
+    options = settings.redis_tls(settings.broker)
+    if not options:
+        return None
+    reqs = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+    tls: dict[str, Any] = {"ssl_cert_reqs": reqs[options["ssl_cert_reqs"]]}
+    if "ssl_ca_certs" in options:
+        tls["ssl_ca_certs"] = options["ssl_ca_certs"]
+    return tls
 
 
 def create_app(settings: Settings, beat_schedule: dict[str, Any]) -> Celery:

@@ -7,13 +7,15 @@ would share sockets between parent and child, so a child gets its own.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import redis
 
 _clients: dict[str, tuple[int, redis.Redis]] = {}
 
 
-def get_redis(url: str) -> redis.Redis:
+def get_redis(url: str, **tls: Any) -> redis.Redis:
+    """This process's client for ``url`` (``tls``: redis-py ``ssl_*`` options)."""
     pid = os.getpid()
     cached = _clients.get(url)
     if cached is not None and cached[0] == pid:
@@ -24,6 +26,7 @@ def get_redis(url: str) -> redis.Redis:
         socket_timeout=10,
         health_check_interval=30,
         retry_on_timeout=True,
+        **tls,
     )
     _clients[url] = (pid, client)
     return client

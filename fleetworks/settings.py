@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, model_validator
@@ -26,7 +27,12 @@ class Settings(BaseSettings):
     #: Redis for locks and fencing tokens. Unset: the broker, when it is Redis.
     redis_url: str | None = None
     #: SQLAlchemy URL of the results database. Unset: SQLite under ``home``.
+    #: PostgreSQL TLS: ``?sslmode=verify-full&sslrootcert=/path/ca.crt`` in the URL.
     database_url: str | None = None
+    #: CA bundle to verify Redis over TLS (``rediss://``); unset: the system's CAs.
+    redis_tls_ca_file: Path | None = None
+    #: Certificate check for ``rediss://``: required, optional or none.
+    redis_tls_cert_reqs: Literal["required", "optional", "none"] = "required"
     #: Directory for embedded data (Redis AOF, SQLite, beat schedule, logs).
     home: Path = Path(c.DEFAULT_HOME)
     embedded_redis_port: int = c.EMBEDDED_REDIS_PORT
@@ -81,6 +87,15 @@ class Settings(BaseSettings):
             "FLEET_REDIS_URL is required when the broker is not Redis "
             f"(broker is {redact(self.broker)}): locks and fencing tokens live in Redis"
         )
+
+    def redis_tls(self, url: str) -> dict[str, Any]:
+        """redis-py keyword arguments for TLS when ``url`` is ``rediss://``, else {}."""
+        if not url.startswith("rediss://"):
+            return {}
+        options: dict[str, Any] = {"ssl_cert_reqs": self.redis_tls_cert_reqs}
+        if self.redis_tls_ca_file is not None:
+            options["ssl_ca_certs"] = str(self.redis_tls_ca_file)
+        return options
 
     @property
     def database(self) -> str:

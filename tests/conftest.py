@@ -163,14 +163,21 @@ def start_worker(
     database_url: str,
     log_dir: Path,
     name: str,
+    *,
     concurrency: int = 2,
     queue: str | None = None,
+    ready_app: Any = None,
     **env: str,
 ) -> Worker:
-    """A worker subprocess on ``queue`` (default: its own), ready to consume."""
-    from config import app
+    """A worker subprocess on ``queue`` (default: its own), ready to consume.
+
+    ``ready_app`` is the Celery app to ping it with when its broker is not the
+    test broker.
+    """
+    from config import app as test_app
     from fleetworks.procs import Child, celery_argv, wait_workers
 
+    app = ready_app or test_app
     queue = queue or f"test-{name}"
     argv = celery_argv(
         "worker", "-n", f"{name}@%h", "-Q", queue, "-c", str(concurrency),
