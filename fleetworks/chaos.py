@@ -38,6 +38,10 @@ from fleetworks.settings import Settings
 AGENT = "probe.run"
 #: Seconds a killed worker stays down before the rig's supervisor restarts it.
 RESTART_DELAY_S = 1.0
+#: Seconds one wave may take to settle before the next fault is injected anyway.
+WAVE_TIMEOUT_S = 120.0
+#: Seconds given to a paused holder, after its SIGCONT, to attempt its late write.
+RESUME_GRACE_S = 3.0
 
 
 @dataclass
@@ -174,16 +178,24 @@ def run_chaos(
         wait_workers(app, [f"{w.name}@{_host()}" for w in rig.workers], timeout_s=60)
         payloads = [{"id": f"{run}-{i}", "work_ms": _work_ms(rng)} for i in range(tasks)]
         waves = [payloads[i :: len(schedule) + 1] for i in range(len(schedule) + 1)]
-        enqueue_many(app, AGENT, waves[0])
-        for kind, wave in zip(schedule, waves[1:], strict=True):
-            busy = _wait_for_work(url, run)
-            fault = f.Fault(kind, f.now(), "", in_flight=[k for k, _ in busy])
-            fault.detail = injector.inject(kind, [pid for _, pid in busy])
-            echo(f"chaos {run}: {kind}: {fault.detail}")
-            done.append(fault)
+        published = 0
+        for kind, wave in zip([*schedule, None], waves, strict=True):
+            # One wave at a time: publish it, hit it with a fault while it runs,
+            # and let everything published so far settle before the next one,
+            # so a recovery time measures recovery, not a queue behind it.
             _publish_retrying(app, wave)
+            published += len(wave)
+            if kind is not None:
+                busy = _wait_for_work(url, run)
+                fault = f.Fault(kind, f.now(), "", in_flight=[k for k, _ in busy])
+                fault.detail = injector.inject(kind, [pid for _, pid in busy])
+                echo(f"chaos {run}: {kind}: {fault.detail}")
+                done.append(fault)
+            _wait_settled(url, run, published, time.monotonic() + WAVE_TIMEOUT_S)
         settled = _wait_settled(url, run, tasks, started + timeout_s)
         injector.wait()
+        # A resumed paused holder writes (and is refused) right after SIGCONT.
+        time.sleep(RESUME_GRACE_S)
     finally:
         rig.stop()
     return _report(

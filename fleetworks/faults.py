@@ -66,11 +66,7 @@ class Injector:
         return action(busy_pids)
 
     def _pool_pids(self) -> list[int]:
-        pids: list[int] = []
-        for w in self.workers:
-            if w.alive():
-                pids += [p.pid for p in psutil.Process(w.pid).children()]
-        return pids
+        return [pid for w in self.workers if w.alive() for pid in _pool_of(w)]
 
     def _busy_child(self, busy_pids: list[int]) -> int | None:
         """The pool process with the most work left (``busy_pids`` comes sorted
@@ -92,7 +88,9 @@ class Injector:
         alive = [w for w in self.workers if w.alive()]
         if not alive:
             return "no live worker"
-        victim = self.rng.choice(alive)
+        # Spare a worker holding a paused process, so the pause plays out.
+        unpaused = [w for w in alive if not self.paused & _pool_of(w)]
+        victim = self.rng.choice(unpaused or alive)
         os.killpg(victim.pid, signal.SIGKILL)
         return f"SIGKILL worker {victim.name} (pid {victim.pid}) and its pool"
 
@@ -164,6 +162,13 @@ class Injector:
     def wait(self) -> None:
         for thread in self.background:
             thread.join()
+
+
+def _pool_of(worker: Child) -> set[int]:
+    try:
+        return {p.pid for p in psutil.Process(worker.pid).children()}
+    except psutil.NoSuchProcess:
+        return set()
 
 
 def now() -> datetime:

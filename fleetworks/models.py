@@ -140,3 +140,44 @@ GUARD_EVENTS = cast(Table, GuardEvent.__table__)
 MENTIONS = cast(Table, Mention.__table__)
 RESPONSES = cast(Table, Response.__table__)
 PROBE_EFFECTS = cast(Table, ProbeEffect.__table__)
+
+
+class AgentState(Base):
+    """The current state of one entity as one agent sees it: the latest version.
+
+    ``fencing_token`` is the highest token that wrote it; a write carrying a
+    lower one is refused.
+    """
+
+    __tablename__ = "agent_state"
+
+    agent: Mapped[str] = mapped_column(String(200), primary_key=True)
+    entity_key: Mapped[str] = mapped_column(String(500), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[dict[str, Any]] = mapped_column(JSON)
+    fencing_token: Mapped[int] = mapped_column(BigInteger)
+    writer: Mapped[str | None] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AgentStateHistory(Base):
+    """Every version ever written of an ``agent_state`` row, immutable."""
+
+    __tablename__ = "agent_state_history"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    agent: Mapped[str] = mapped_column(String(200))
+    entity_key: Mapped[str] = mapped_column(String(500))
+    version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[dict[str, Any]] = mapped_column(JSON)
+    fencing_token: Mapped[int] = mapped_column(BigInteger)
+    writer: Mapped[str | None] = mapped_column(String(200))
+    written_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ux_agent_state_history_version", "agent", "entity_key", "version", unique=True),
+    )
+
+
+AGENT_STATE = cast(Table, AgentState.__table__)
+AGENT_STATE_HISTORY = cast(Table, AgentStateHistory.__table__)

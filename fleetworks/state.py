@@ -1,0 +1,227 @@
+"""Agent state store: per-entity state kept outside the worker, versioned.
+
+Consistency model. The results database is the record: a worker keeps no
+state between runs, it reads the ``agent_state`` row of its entity and writes
+it back with a compare-and-set. A write names the version it read and the
+fencing token of the lock it holds; it succeeds only if the stored version is
+still that version and the stored token is not higher than its own, and then
+stores version + 1 and, in the same transaction, an immutable
+``agent_state_history`` row (state, writer, fencing token, time) with that
+version. So writes to one entity are totally ordered by version, the history
+of an entity is its versions 1..n without gaps, the current row always equals
+the latest history row, and a holder whose lease ran out cannot overwrite
+what a newer holder wrote even if it read the same version. A failed
+compare-and-set raises :class:`StateConflictError` (someone wrote first: read
+again and retry, which :func:`update` does) or
+:class:`~fleetworks.claims.StaleWriteError` (a newer fencing token wrote: do
+not retry). Reads are plain committed reads; a value read outside the writing
+transaction may be old by the time it is used, and the version catches that.
+On SQLite every transaction begins with ``BEGIN IMMEDIATE``, so writers
+serialize and a read-modify-write in one transaction never conflicts; on
+PostgreSQL (read committed) two writers can read the same version, and the
+second ``UPDATE .. WHERE version = expected`` waits for the first, re-checks
+the committed row and changes nothing: a conflict. Concurrent first writes
+meet on the primary key. There is no guarantee across entities beyond what
+the caller's own transaction gives.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, insert, select
+from sqlalchemy import update as sql_update
+
+from fleetworks.claims import StaleWriteError, now
+from fleetworks.db import transaction, upsert
+from fleetworks.models import AGENT_STATE, AGENT_STATE_HISTORY
+
+_state = AGENT_STATE
+_history = AGENT_STATE_HISTORY
+
+#: Seconds: first back-off of :func:`update` after a conflict. Doubles per
+#: attempt up to ``_BACKOFF_MAX_S``, with full jitter, so writers that met
+#: once spread out instead of meeting again.
+_BACKOFF_BASE_S = 0.002
+
+#: Seconds: ceiling of that back-off. A conflict means another write just
+#: committed, so the entity is free again within one short transaction.
+_BACKOFF_MAX_S = 0.1
+_LOCK_AFTER = 1
+
+
+class StateConflictError(RuntimeError):
+    """The stored version is not the one the write expected: someone wrote first."""
+
+    def __init__(self, agent: str, entity: str, expected: int, found: int) -> None:
+        super().__init__(
+            f"state of {entity!r} for agent {agent!r} changed: "
+            f"expected version {expected}, found version {found}"
+        )
+        self.agent, self.entity, self.expected, self.found = agent, entity, expected, found
+
+
+@dataclass(frozen=True, slots=True)
+class Versioned:
+    """A state and the version it is; version 0 (and ``{}``) when never written."""
+
+    state: dict[str, Any]
+    version: int
+    #: The highest fencing token that wrote it; None when never written.
+    fencing_token: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """One history row: a version as it was written."""
+
+    version: int
+    state: dict[str, Any]
+    fencing_token: int
+    writer: str | None
+    written_at: datetime
+
+
+def _key(agent: str, entity: str) -> Any:
+    return (_state.c.agent == agent) & (_state.c.entity_key == entity)
+
+
+def read(conn: Connection, agent: str, entity: str, *, for_update: bool = False) -> Versioned:
+    """The current state of ``entity`` for ``agent``; ``for_update`` also locks
+    its row until the transaction ends (PostgreSQL; SQLite's writer already
+    holds the database)."""
+    stmt = select(_state.c.state, _state.c.version, _state.c.fencing_token)
+    stmt = stmt.where(_key(agent, entity))
+    row = conn.execute(stmt.with_for_update() if for_update else stmt).first()
+    if row is None:
+        return Versioned({}, 0, None)
+    return Versioned(dict(row.state), int(row.version), int(row.fencing_token))
+
+
+def write(
+    conn: Connection,
+    agent: str,
+    entity: str,
+    *,
+    state: dict[str, Any],
+    expected_version: int,
+    fencing_token: int,
+    writer: str | None,
+) -> Versioned:
+    """Store ``state`` as version ``expected_version + 1`` if the stored version
+    is ``expected_version`` (0: never written) and the stored fencing token is
+    not higher than ``fencing_token``; record it in the history.
+
+    Raises :class:`StateConflictError` or :class:`StaleWriteError`, having
+    changed nothing; the caller's transaction stays usable.
+    """
+    if expected_version < 0:
+        raise ValueError(f"expected_version must be >= 0, not {expected_version}")
+    version = expected_version + 1
+    at = now()
+    values = {"version": version, "state": state, "fencing_token": fencing_token}
+    values |= {"writer": writer, "updated_at": at}
+    if expected_version == 0:
+        # ON CONFLICT DO NOTHING, not a caught unique violation: on PostgreSQL
+        # an error would abort the caller's whole transaction. RETURNING, not
+        # rowcount, tells whether it inserted: the driver may report -1.
+        new = upsert(conn, _state).values(agent=agent, entity_key=entity, **values)
+        keys = [_state.c.agent, _state.c.entity_key]
+        new_stmt = new.on_conflict_do_nothing(index_elements=keys).returning(_state.c.version)
+        done = len(conn.execute(new_stmt).all())
+    else:
+        cas = _key(agent, entity) & (_state.c.version == expected_version)
+        cas &= _state.c.fencing_token <= fencing_token
+        done = conn.execute(sql_update(_state).where(cas).values(values)).rowcount
+    if done != 1:
+        _refuse(conn, agent, entity, expected_version, fencing_token)
+    conn.execute(
+        insert(_history).values(
+            agent=agent,
+            entity_key=entity,
+            version=version,
+            state=state,
+            fencing_token=fencing_token,
+            writer=writer,
+            written_at=at,
+        )
+    )
+    return Versioned(dict(state), version, fencing_token)
+
+
+def _refuse(conn: Connection, agent: str, entity: str, expected: int, token: int) -> None:
+    """Raise why a compare-and-set changed nothing: a newer token, else a newer version."""
+    found = read(conn, agent, entity)
+    if found.fencing_token is not None and found.fencing_token > token:
+        raise StaleWriteError(
+            f"state of {entity!r} for agent {agent!r} refused: fencing token {token} "
+            f"is older than {found.fencing_token} (version {found.version})"
+        )
+    raise StateConflictError(agent, entity, expected, found.version)
+
+
+def update(
+    url: str,
+    agent: str,
+    entity: str,
+    fn: Callable[[dict[str, Any]], dict[str, Any]],
+    *,
+    fencing_token: int,
+    writer: str | None,
+    attempts: int = 10,
+) -> Versioned:
+    """Read, apply ``fn`` to the state, write: one short transaction per attempt.
+
+    The first attempt is optimistic. After a conflict the entity is hot, and a
+    writer that keeps losing the race could starve while the winners write
+    back to back, so a retry reads with ``for_update``: it waits for the
+    writer ahead of it and then its compare-and-set holds. Retries follow a
+    short jittered back-off; the last :class:`StateConflictError` is raised
+    after ``attempts`` (a retry can still meet a concurrent first write of the
+    entity, which no row lock covers). :class:`StaleWriteError` is raised at
+    once. ``fn`` may run several times, on different states: keep it pure.
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, not {attempts}")
+    for attempt in range(1, attempts + 1):
+        try:
+            with transaction(url) as conn:
+                current = read(conn, agent, entity, for_update=attempt > _LOCK_AFTER)
+                return write(
+                    conn,
+                    agent,
+                    entity,
+                    state=fn(current.state),
+                    expected_version=current.version,
+                    fencing_token=fencing_token,
+                    writer=writer,
+                )
+        except StateConflictError:
+            if attempt == attempts:
+                raise
+            time.sleep(random.uniform(0, min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2**attempt)))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def history(conn: Connection, agent: str, entity: str) -> list[Revision]:
+    """Every version written of ``entity`` for ``agent``, oldest first."""
+    rows = conn.execute(
+        select(
+            _history.c.version,
+            _history.c.state,
+            _history.c.fencing_token,
+            _history.c.writer,
+            _history.c.written_at,
+        )
+        .where((_history.c.agent == agent) & (_history.c.entity_key == entity))
+        .order_by(_history.c.version)
+    )
+    return [
+        Revision(int(r.version), dict(r.state), int(r.fencing_token), r.writer, r.written_at)
+        for r in rows
+    ]
