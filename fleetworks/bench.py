@@ -19,6 +19,7 @@ statement counter record what each guarded task costs.
 
 from __future__ import annotations
 
+import socket
 import statistics
 import time
 import uuid
@@ -116,9 +117,7 @@ def run_throughput(settings: Settings, *, tasks: int, rounds: int) -> dict[str, 
     plain: list[float] = []
     guarded: list[float] = []
     try:
-        from fleetworks.services import Fleet
-
-        host = Fleet(settings).hostname
+        host = socket.gethostname()
         wait_workers(app, [f"{name}@{host}"], timeout_s=60)
         worker = f"{name}@{host}"
         # Warm both paths (imports, connections, script loading) before timing.

@@ -72,13 +72,13 @@ def _handle_stop_signals() -> None:
 @click.option("--no-beat", is_flag=True, help="Do not start beat.")
 def up(no_flower: bool, no_beat: bool) -> None:
     """The whole fleet on this machine: broker, worker, beat, Flower. Ctrl-C stops it."""
-    from fleetworks.services import Fleet, broker, echo
+    from fleetworks.services import FleetProcesses, broker, echo
 
     settings = _settings()
     _migrate(settings)
     _handle_stop_signals()
     with broker(settings) as url:
-        fleet = Fleet(settings)
+        fleet = FleetProcesses(settings)
         try:
             fleet.worker()
             if not no_beat:

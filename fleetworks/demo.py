@@ -24,7 +24,7 @@ from fleetworks import reports
 from fleetworks.db import transaction
 from fleetworks.models import MENTIONS, RESPONSES, EventKind
 from fleetworks.procs import wait_workers
-from fleetworks.services import Fleet, echo
+from fleetworks.services import FleetProcesses, echo
 from fleetworks.settings import Settings
 
 AGENT = "mentions.respond"
@@ -130,7 +130,7 @@ def run_demo(
     from config import app
 
     run = f"demo{uuid.uuid4().hex[:8]}"
-    fleet = Fleet(settings)
+    fleet = FleetProcesses(settings)
     try:
         fleet.worker("demo-worker")
         if with_beat:

@@ -51,7 +51,7 @@ def require_broker(settings: Settings) -> None:
 
 
 @dataclass
-class Fleet:
+class FleetProcesses:
     """The processes of one ``up`` or ``demo``."""
 
     settings: Settings
