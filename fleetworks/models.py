@@ -5,7 +5,9 @@ idempotency key. ``guard_events`` records what the guard did instead of
 running (duplicates skipped, lock contention, duplicate effects caught).
 ``mentions`` and ``responses`` are the mentions agent's own state and effect;
 ``probe_effects`` is the effect ledger of the probe agent used by benchmarks
-and fault tests. Every effect table has a UNIQUE constraint on what must
+and fault tests. ``agent_state`` holds each entity's current state with its
+version, and ``agent_state_history`` every version ever written
+(:mod:`fleetworks.state`). Every effect table has a UNIQUE constraint on what must
 happen once, so a duplicate effect fails loudly instead of hiding.
 """
 

@@ -12,7 +12,8 @@ of an entity is its versions 1..n without gaps, the current row always equals
 the latest history row, and a holder whose lease ran out cannot overwrite
 what a newer holder wrote even if it read the same version. A failed
 compare-and-set raises :class:`StateConflictError` (someone wrote first: read
-again and retry, which :func:`update` does) or
+again and retry, which :func:`update` does, locking the row to read once an
+entity proves hot so that no writer starves) or
 :class:`~fleetworks.claims.StaleWriteError` (a newer fencing token wrote: do
 not retry). Reads are plain committed reads; a value read outside the writing
 transaction may be old by the time it is used, and the version catches that.
@@ -45,14 +46,18 @@ _state = AGENT_STATE
 _history = AGENT_STATE_HISTORY
 
 #: Seconds: first back-off of :func:`update` after a conflict. Doubles per
-#: attempt up to ``_BACKOFF_MAX_S``, with full jitter, so writers that met
-#: once spread out instead of meeting again.
-_BACKOFF_BASE_S = 0.002
+#: attempt, with full jitter, so writers that met once spread out.
+_BACKOFF_BASE_S = 0.01
 
 #: Seconds: ceiling of that back-off. A conflict means another write just
 #: committed, so the entity is free again within one short transaction.
-_BACKOFF_MAX_S = 0.1
-_LOCK_AFTER = 1
+_BACKOFF_MAX_S = 0.2
+
+#: Attempts :func:`update` makes without a row lock. Past them the entity is
+#: hot and this writer keeps losing to others writing back to back: it reads
+#: with ``for_update`` and waits its turn. Locking at the first conflict
+#: instead makes the lock holders the cause of most conflicts.
+_OPTIMISTIC_ATTEMPTS = 3
 
 
 class StateConflictError(RuntimeError):
@@ -177,21 +182,18 @@ def update(
 ) -> Versioned:
     """Read, apply ``fn`` to the state, write: one short transaction per attempt.
 
-    The first attempt is optimistic. After a conflict the entity is hot, and a
-    writer that keeps losing the race could starve while the winners write
-    back to back, so a retry reads with ``for_update``: it waits for the
-    writer ahead of it and then its compare-and-set holds. Retries follow a
-    short jittered back-off; the last :class:`StateConflictError` is raised
-    after ``attempts`` (a retry can still meet a concurrent first write of the
-    entity, which no row lock covers). :class:`StaleWriteError` is raised at
-    once. ``fn`` may run several times, on different states: keep it pure.
+    Retries on :class:`StateConflictError` after a short jittered back-off and
+    raises the last one after ``attempts``; :class:`StaleWriteError` is raised
+    at once. The first attempts are optimistic; later ones lock the row while
+    they read, so a writer cannot starve on a hot entity. ``fn`` may run
+    several times, on different states: keep it pure.
     """
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, not {attempts}")
     for attempt in range(1, attempts + 1):
         try:
             with transaction(url) as conn:
-                current = read(conn, agent, entity, for_update=attempt > _LOCK_AFTER)
+                current = read(conn, agent, entity, for_update=attempt > _OPTIMISTIC_ATTEMPTS)
                 return write(
                     conn,
                     agent,
@@ -210,17 +212,8 @@ def update(
 
 def history(conn: Connection, agent: str, entity: str) -> list[Revision]:
     """Every version written of ``entity`` for ``agent``, oldest first."""
-    rows = conn.execute(
-        select(
-            _history.c.version,
-            _history.c.state,
-            _history.c.fencing_token,
-            _history.c.writer,
-            _history.c.written_at,
-        )
-        .where((_history.c.agent == agent) & (_history.c.entity_key == entity))
-        .order_by(_history.c.version)
-    )
+    key = (_history.c.agent == agent) & (_history.c.entity_key == entity)
+    rows = conn.execute(select(_history).where(key).order_by(_history.c.version))
     return [
         Revision(int(r.version), dict(r.state), int(r.fencing_token), r.writer, r.written_at)
         for r in rows
