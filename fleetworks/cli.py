@@ -263,6 +263,7 @@ def demo(mentions: int, duplicate_rate: float, timeout_s: float, as_json: bool) 
     from fleetworks.demo import render, run_demo
     from fleetworks.services import broker
 
+    _handle_stop_signals()
     settings = _settings()
     _migrate(settings)
     with broker(settings):
@@ -304,6 +305,7 @@ def chaos(
     from fleetworks.chaos import render, run_chaos
     from fleetworks.embedded import EmbeddedRedis, ping
 
+    _handle_stop_signals()
     settings = _settings()
     kinds = [k.strip() for k in fault_kinds.split(",") if k.strip()]
     if "redis-restart" in kinds and not settings.embedded:
@@ -359,6 +361,7 @@ def bench_throughput(tasks: int, rounds: int, as_json: bool) -> None:
     from fleetworks.bench import render, run_throughput
     from fleetworks.services import broker
 
+    _handle_stop_signals()
     settings = _settings()
     _migrate(settings)
     with broker(settings):
