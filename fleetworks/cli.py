@@ -52,8 +52,9 @@ def db_upgrade() -> None:
     click.echo(f"database at head: {redact(settings.database)}")
 
 
-class _Stop(Exception):
-    pass
+class _Stop(BaseException):
+    """SIGTERM or SIGINT: a BaseException, like KeyboardInterrupt, so no broad
+    ``except Exception`` swallows it."""
 
 
 def _raise_stop(signum: int, _frame: Any) -> NoReturn:
