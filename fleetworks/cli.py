@@ -319,6 +319,9 @@ def chaos(
             f"something already answers on {redact(settings.broker)}: chaos owns its broker; "
             "stop `fleetworks up` or set FLEET_EMBEDDED_REDIS_PORT"
         )
+    from fleetworks.faults import heal
+
+    heal(settings.database)
     _migrate(settings)
     redis = None
     if settings.embedded:

@@ -130,15 +130,17 @@ class Injector:
         try:
             with admin.connect() as conn:
                 conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
-                conn.execute(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = :name AND pid <> pg_backend_pid()"
-                    ),
-                    {"name": name},
-                )
-                time.sleep(self.db_pause_s)
-                conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+                try:
+                    conn.execute(
+                        text(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = :name AND pid <> pg_backend_pid()"
+                        ),
+                        {"name": name},
+                    )
+                    time.sleep(self.db_pause_s)
+                finally:
+                    conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
         finally:
             admin.dispose()
 
@@ -162,6 +164,25 @@ class Injector:
     def wait(self) -> None:
         for thread in self.background:
             thread.join()
+
+
+def heal(database_url: str) -> None:
+    """Let a PostgreSQL database accept connections again, in case a run killed
+    in the middle of a db-pause left it refusing them (SQLite needs nothing)."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "postgresql":
+        return
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            refusing = conn.execute(
+                text("SELECT NOT datallowconn FROM pg_database WHERE datname = :n"),
+                {"n": url.database},
+            ).scalar()
+            if refusing:
+                conn.execute(text(f'ALTER DATABASE "{url.database}" ALLOW_CONNECTIONS true'))
+    finally:
+        admin.dispose()
 
 
 def _pool_of(worker: Child) -> set[int]:
