@@ -171,7 +171,7 @@ def run_chaos(
     url = settings.database
     rig = Rig(settings, redis)
     rig.start()
-    injector = f.Injector(rig.workers, redis, url, rng, db_pause_s=db_pause_s)
+    injector = f.Injector(rig.workers, redis, url, rng, db_pause_s=db_pause_s, queue=settings.queue)
     done: list[f.Fault] = []
     started = time.monotonic()
     try:

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psutil
+import redis as redis_client
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -55,6 +56,7 @@ class Injector:
     database_url: str
     rng: random.Random
     db_pause_s: float = 10.0
+    queue: str = "fleet"
     stop_s: float = 20.0
     background: list[threading.Thread] = field(default_factory=list)
     #: Pool processes paused by stop-cont: not targets until resumed.
@@ -97,10 +99,25 @@ class Injector:
     def redis_restart(self, busy_pids: list[int]) -> str:
         if self.redis is None:
             raise RuntimeError("redis-restart needs the embedded Redis (unset FLEET_BROKER_URL)")
+        before = self._broker_backlog()
         started = time.monotonic()
         self.redis.stop()
         self.redis.start()
-        return f"embedded Redis restarted in {time.monotonic() - started:.2f}s"
+        took = time.monotonic() - started
+        # What was queued or unacked must all be there again (AOF): say so.
+        return (
+            f"embedded Redis restarted in {took:.2f}s; queued+unacked "
+            f"{before} before, {self._broker_backlog()} after"
+        )
+
+    def _broker_backlog(self) -> tuple[int, int]:
+        if self.redis is None:
+            return (0, 0)
+        client = redis_client.Redis.from_url(self.redis.url)
+        try:
+            return (int(client.llen(self.queue)), int(client.hlen("unacked")))
+        finally:
+            client.close()
 
     def db_pause(self, busy_pids: list[int]) -> str:
         url = make_url(self.database_url)
