@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from fleetworks import db, state
 from fleetworks.claims import StaleWriteError
 from fleetworks.models import AGENT_STATE_HISTORY
 from fleetworks.state import StateConflictError, Versioned
+from tests.conftest import truncate
 
 AGENT = "counter"
 ENTITY = "counter:c-1"
@@ -130,13 +132,18 @@ def interfering(url: str, times: int, calls: list[int]) -> Any:
     return fn
 
 
-def skip_on_sqlite(url: str) -> None:
-    if not db.is_postgres(url):
-        pytest.skip("SQLite serializes writers (BEGIN IMMEDIATE): update never conflicts")
+@pytest.fixture
+def concurrent_url(postgresql_url: str) -> Iterator[str]:
+    """PostgreSQL only: SQLite serializes writers (BEGIN IMMEDIATE), so an update
+    there never meets a conflict to retry."""
+    truncate(postgresql_url)
+    yield postgresql_url
+    truncate(postgresql_url)
 
 
-def test_update_retries_conflicts_then_locks_and_wins(database_url: str) -> None:
-    skip_on_sqlite(database_url)
+@pytest.mark.postgres
+def test_update_retries_conflicts_then_locks_and_wins(concurrent_url: str) -> None:
+    database_url = concurrent_url
     calls: list[int] = []
     optimistic = state._OPTIMISTIC_ATTEMPTS
     fn = interfering(database_url, optimistic, calls)
@@ -148,8 +155,9 @@ def test_update_retries_conflicts_then_locks_and_wins(database_url: str) -> None
     assert [r.writer for r in history(database_url)] == ["other"] * optimistic + ["me"]
 
 
-def test_update_raises_the_last_conflict_after_its_attempts(database_url: str) -> None:
-    skip_on_sqlite(database_url)
+@pytest.mark.postgres
+def test_update_raises_the_last_conflict_after_its_attempts(concurrent_url: str) -> None:
+    database_url = concurrent_url
     # Within the optimistic attempts: a locked read would wait for the
     # interfering writer, which would wait for it.
     assert state._OPTIMISTIC_ATTEMPTS >= 2
