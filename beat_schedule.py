@@ -1,9 +1,12 @@
 """Which polling agents run when.
 
 Each entry is a Celery beat entry; intervals come from settings so an
-operator changes them with ``FLEET_*`` variables, not code. A tick expires
-after one interval: a tick that could not start in time is dropped, since
-the next one polls the same source again.
+operator changes them with ``FLEET_*`` variables, not code. The fleet's
+scheduler (:mod:`fleetworks.beat`) may run in several beats at once and
+sends each slot once; ``options["misfire"]`` says what happens to slots no
+beat could send in time (``coalesce``, ``catch_up`` or ``skip``, see
+:mod:`fleetworks.ticks`). A polling agent receives its tick as its payload
+and is deduplicated by the tick id.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ def schedule(settings: Settings) -> dict[str, Any]:
         "poll-mentions": {
             "task": "mentions.poll",
             "schedule": interval,
-            "kwargs": {"limit": settings.mentions_per_poll},
-            "options": {"expires": interval},
+            "kwargs": {"payload": {"limit": settings.mentions_per_poll}},
+            # One catch-up window after an outage: windows overlap, and the
+            # next tick reads the source again anyway.
+            "options": {"misfire": "coalesce"},
         },
         "reap-orphaned-claims": {
             "task": REAP_TASK,
             "schedule": c.REAP_INTERVAL_S,
-            "options": {"expires": c.REAP_INTERVAL_S},
+            # The reaper looks at the present: a missed run has nothing to do.
+            "options": {"misfire": "skip", "expires": c.REAP_INTERVAL_S},
         },
     }

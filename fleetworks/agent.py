@@ -100,6 +100,7 @@ class Fleet:
             def run(task: Task, *args: Any, **kwargs: Any) -> Any:
                 return fleet.execute(task, spec, behaviour, args, kwargs)
 
+            run.agent_spec = spec
             run.free_orphaned_lease = lambda kwargs, tag: fleet.free_orphaned_lease(
                 spec, kwargs, tag
             )

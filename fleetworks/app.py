@@ -44,6 +44,11 @@ def celery_config(settings: Settings, beat_schedule: dict[str, Any]) -> dict[str
         "broker_transport_options": transport_options(settings),
         "broker_use_ssl": broker_tls(settings),
         "beat_schedule": beat_schedule,
+        "beat_scheduler": "fleetworks.beat:FleetScheduler",
+        "beat_max_loop_interval": c.BEAT_LOOP_S,
+        # The settings object itself, for code that gets only the app (the
+        # scheduler); a Celery conf key, so every process of the app has it.
+        "fleet_settings": settings,
         "timezone": "UTC",
         "enable_utc": True,
     }

@@ -22,6 +22,15 @@ LOCK_KEY: Final = KEY_PREFIX + "lock:"
 #: with each acquisition. Never expires: tokens must only ever grow.
 FENCE_KEY: Final = KEY_PREFIX + "fence:"
 
+#: ``fleet:beat:<app>:slots`` is a hash: schedule entry -> the time (epoch
+#: ms) up to which its slots are handled. Shared by every beat, so the one
+#: that takes over continues where the last leader stopped.
+BEAT_SLOTS_KEY: Final = KEY_PREFIX + "beat:"
+
+#: Entity name of the beat leader lease (``fleet:lock:beat-leader:<app>``);
+#: its fence counter is the leader's term.
+BEAT_LEADER_ENTITY: Final = "beat-leader:"
+
 # --- Queues -----------------------------------------------------------------
 
 #: Default queue for agent tasks. Named, not ``celery``, so a fleet can share a
@@ -58,6 +67,11 @@ CONTENTION_BACKOFF_MAX_S: Final = 5.0
 #: Count: how often a task may re-queue itself on lock contention before it
 #: is recorded as ``failed``. 100 tries at <= 5 s outlast any lock TTL.
 MAX_CONTENTION_RETRIES: Final = 100
+
+#: Characters: longest idempotency key accepted. Keys are stored in an
+#: indexed column and sent in every message; 500 leaves room for an entity
+#: id and a tick id together.
+MAX_KEY_CHARS: Final = 500
 
 #: Count: default retries of a behaviour that raised, per agent.
 DEFAULT_MAX_RETRIES: Final = 3
@@ -121,6 +135,28 @@ MAX_PAYLOAD_DEPTH: Final = 256
 #: Characters of an error message kept in an outcome row. Enough for a
 #: pydantic report on a large payload, small enough to keep rows cheap.
 MAX_ERROR_CHARS: Final = 4000
+
+# --- Beat (highly available scheduler) ---------------------------------------
+
+#: Seconds: TTL of the beat leader's lease. A leader that dies is replaced
+#: at most this long plus one ``BEAT_LOOP_S`` later. Short, because beat has
+#: nothing to finish: RedBeat's default (25 min, redbeat#230) is the warning.
+BEAT_LEASE_TTL_S: Final = 3.0
+
+#: Seconds: longest sleep of a beat's loop. The leader renews its lease and a
+#: follower tries to take it this often; a third of the TTL, so two renewals
+#: in a row may fail before the lease is lost.
+BEAT_LOOP_S: Final = BEAT_LEASE_TTL_S / 3
+
+#: Seconds: a slot due for at most this long (or half its period, if less)
+#: is on time, and an entry with misfire ``skip`` still runs it. Covers one
+#: failover (lease TTL plus a loop), so a change of leader is not a misfire.
+MISFIRE_GRACE_S: Final = BEAT_LEASE_TTL_S + 2 * BEAT_LOOP_S
+
+#: Count: most missed slots of one entry that misfire ``catch_up`` runs at
+#: once; older ones are dropped and logged. Bounds the burst after a long
+#: outage of every beat.
+CATCH_UP_MAX_SLOTS: Final = 1000
 
 # --- Results database -------------------------------------------------------
 

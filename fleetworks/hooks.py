@@ -89,8 +89,11 @@ class ValidatePayload:
         except ValidationError as exc:
             raise Veto(REJECTED, f"invalid payload for {ctx.spec.name}: {describe(exc)}") from None
         key = ctx.explicit_key if ctx.explicit_key is not None else ctx.spec.key(ctx.payload)
-        if not isinstance(key, str) or not key or len(key) > 500:
-            raise Veto(REJECTED, "idempotency key must be a non-empty string of <= 500 chars")
+        if not isinstance(key, str) or not key or len(key) > c.MAX_KEY_CHARS:
+            raise Veto(
+                REJECTED,
+                f"idempotency key must be a non-empty string of <= {c.MAX_KEY_CHARS} chars",
+            )
         if unstorable_text(key) is not None:
             raise Veto(REJECTED, "idempotency key must be valid Unicode without NUL characters")
         ctx.idempotency_key = key

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
+from pydantic import Field
 from sqlalchemy import insert, update
 
 from agents import mentions
@@ -14,8 +14,10 @@ from fleetworks.context import AgentSpec, RunContext
 from fleetworks.db import transaction, upsert
 from fleetworks.enqueue import enqueue_many
 from fleetworks.models import MENTIONS, RESPONSES
+from fleetworks.ticks import Tick
 
 RESPOND = "mentions.respond"
+POLL = "mentions.poll"
 
 _rows = MENTIONS
 
@@ -89,13 +91,27 @@ def respond(ctx: RunContext, mention: mentions.Mention) -> dict[str, str]:
     return mentions.handle(mention, SqlMentionSink(ctx), ctx.fencing_token)
 
 
-@app.task(name="mentions.poll", ignore_result=True)  # type: ignore[untyped-decorator]
-def poll(limit: int = 20, slot: int | None = None) -> dict[str, Any]:
-    """Read the feed's window for ``slot`` (default: now) and fan the mentions out."""
+class MentionsTick(Tick):
+    """A tick of the mentions poller: how many mentions one window holds."""
+
+    limit: int = Field(default=20, ge=0, le=10_000)
+
+
+POLL_SPEC = AgentSpec(
+    name=POLL, payload=MentionsTick, key=lambda t: t.tick, on_contention="skip", time_limit_s=30.0
+)
+
+
+@fleet.agent(POLL_SPEC)
+def poll(ctx: RunContext, tick: MentionsTick) -> dict[str, Any]:
+    """Read the feed's window of this tick's slot and fan the mentions out.
+
+    Each mention's key is its id, so a tick run twice, or two windows that
+    overlap, answer a mention once.
+    """
     settings = fleet.settings
-    if slot is None:
-        slot = int(time.time() // settings.mentions_poll_interval_s)
-    feed = mentions.MentionFeed(settings.mentions_seed)
-    found = feed.window(slot, limit)
+    window = int(tick.slot.timestamp() // settings.mentions_poll_interval_s)
+    found = mentions.MentionFeed(settings.mentions_seed).window(window, tick.limit)
+    ctx.check_lease()
     enqueue_many(app, RESPOND, (m.model_dump() for m in found))
-    return {"slot": slot, "enqueued": len(found)}
+    return {"window": window, "enqueued": len(found)}
