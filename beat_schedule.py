@@ -29,6 +29,14 @@ def schedule(settings: Settings) -> dict[str, Any]:
             # next tick reads the source again anyway.
             "options": {"misfire": "coalesce"},
         },
+        "poll-prices": {
+            "task": "pricing.poll",
+            "schedule": settings.pricing_interval_s,
+            "kwargs": {"payload": {"products": settings.pricing_products}},
+            # A missed cycle is repriced once, on the latest market: pricing
+            # an old market after the fact would only be undone next tick.
+            "options": {"misfire": "coalesce"},
+        },
         "reap-orphaned-claims": {
             "task": REAP_TASK,
             "schedule": c.REAP_INTERVAL_S,

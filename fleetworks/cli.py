@@ -257,25 +257,61 @@ def replay(outcome_id: int, as_json: bool) -> None:
 @main.command()
 @click.option("--mentions", default=1000, show_default=True, help="Distinct mentions to feed.")
 @click.option("--duplicate-rate", default=0.25, show_default=True)
-@click.option("--timeout", "timeout_s", default=600.0, show_default=True)
+@click.option("--products", default=1000, show_default=True, help="Catalogue size to reprice.")
+@click.option("--cycles", default=2, show_default=True, help="Pricing cycles to wait for.")
+@click.option(
+    "--interval",
+    "interval_s",
+    type=float,
+    default=None,
+    help="Seconds between pricing ticks [default: about twice a cycle's expected time].",
+)
+@click.option("--timeout", "timeout_s", default=900.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def demo(mentions: int, duplicate_rate: float, timeout_s: float, as_json: bool) -> None:
-    """A bounded end-to-end run; exit 0 only if nothing was lost or duplicated."""
-    from fleetworks.demo import render, run_demo
+def demo(
+    *,
+    mentions: int,
+    duplicate_rate: float,
+    products: int,
+    cycles: int,
+    interval_s: float | None,
+    timeout_s: float,
+    as_json: bool,
+) -> None:
+    """A bounded end-to-end run of both agents; exit 0 only if nothing was
+    lost or duplicated. ``--mentions 0`` or ``--products 0`` skips one."""
+    from fleetworks import demo as mentions_demo
+    from fleetworks import demo_pricing
     from fleetworks.services import broker
 
     _handle_stop_signals()
     settings = _settings()
     _migrate(settings)
+    out: dict[str, Any] = {"mentions": None, "pricing": None}
+    text: list[str] = []
     with broker(settings):
-        report = run_demo(
-            settings, mentions=mentions, duplicate_rate=duplicate_rate, timeout_s=timeout_s
-        )
+        if mentions > 0:
+            m = mentions_demo.run_demo(
+                settings, mentions=mentions, duplicate_rate=duplicate_rate, timeout_s=timeout_s
+            )
+            out["mentions"] = asdict(m)
+            text.append(mentions_demo.render(m))
+        if products > 0:
+            interval = interval_s or demo_pricing.default_interval_s(products)
+            p = demo_pricing.run_pricing(
+                settings, products=products, interval_s=interval, cycles=cycles, timeout_s=timeout_s
+            )
+            out["pricing"] = demo_pricing.as_dict(p)
+            text.append(demo_pricing.render(p))
+    parts = [r for r in (out["mentions"], out["pricing"]) if r is not None]
+    out["tasks_lost"] = sum(r["tasks_lost"] for r in parts)
+    out["effects_duplicated"] = sum(r["effects_duplicated"] for r in parts)
+    out["ok"] = bool(parts) and all(r["ok"] for r in parts)
     if as_json:
-        _print_json(asdict(report))
+        _print_json(out)
     else:
-        click.echo(render(report))
-    sys.exit(0 if report.ok else 1)
+        click.echo("\n".join(text))
+    sys.exit(0 if out["ok"] else 1)
 
 
 @main.command()

@@ -37,6 +37,10 @@ BEAT_LEADER_ENTITY: Final = "beat-leader:"
 #: broker with other Celery apps without eating their messages.
 DEFAULT_QUEUE: Final = "fleet"
 
+#: Count: messages per pipeline when publishing a fan-out. One round trip
+#: per batch; 500 LPUSHes of ~1 KB each keep a pipeline under a megabyte.
+PUBLISH_BATCH: Final = 500
+
 # --- Guard ------------------------------------------------------------------
 
 #: Seconds: default hard time limit of an agent task. The lock TTL and the

@@ -130,7 +130,8 @@ def run_demo(
     from config import app
 
     run = f"demo{uuid.uuid4().hex[:8]}"
-    fleet = FleetProcesses(settings)
+    # The pricing scenario runs on its own (fleetworks.demo_pricing).
+    fleet = FleetProcesses(settings, env={"FLEET_PRICING_PRODUCTS": "0"})
     try:
         fleet.worker("demo-worker")
         if with_beat:

@@ -17,7 +17,17 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, String, Table, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql import func
 
@@ -183,3 +193,31 @@ class AgentStateHistory(Base):
 
 AGENT_STATE = cast(Table, AgentState.__table__)
 AGENT_STATE_HISTORY = cast(Table, AgentStateHistory.__table__)
+
+
+class PriceChange(Base):
+    """The pricing agent's effect: one decision per product per tick.
+
+    ``UNIQUE(product_id, tick)``: a second decision for the same product in
+    the same tick is a duplicated effect, refused by the database.
+    """
+
+    __tablename__ = "price_changes"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    product_id: Mapped[str] = mapped_column(String(100))
+    tick: Mapped[str] = mapped_column(String(300))
+    old_cents: Mapped[int] = mapped_column(Integer)
+    new_cents: Mapped[int] = mapped_column(Integer)
+    #: The state version this decision wrote.
+    version: Mapped[int] = mapped_column(Integer)
+    fencing_token: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("product_id", "tick", name="ux_price_changes_product_tick"),
+        Index("ix_price_changes_tick", "tick"),
+    )
+
+
+PRICE_CHANGES = cast(Table, PriceChange.__table__)

@@ -55,11 +55,13 @@ class FleetProcesses:
     """The processes of one ``up`` or ``demo``."""
 
     settings: Settings
+    #: ``FLEET_*`` overrides for these processes only (a demo's own schedule).
+    env: dict[str, str] = field(default_factory=dict)
     children: list[Child] = field(default_factory=list)
 
     def add(self, name: str, argv: list[str]) -> Child:
         log = self.settings.home / "logs" / f"{name}.log"
-        child = Child(name, argv, fleet_env(self.settings), log_path=log).start()
+        child = Child(name, argv, fleet_env(self.settings, **self.env), log_path=log).start()
         self.children.append(child)
         return child
 

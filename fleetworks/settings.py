@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     #: Longest time limit an agent may declare; the visibility timeout derives from it.
     max_time_limit_s: float = Field(default=c.MAX_TIME_LIMIT_S, gt=0)
     #: Comma-separated task modules the worker imports.
-    task_modules: str = "tasks.mentions,tasks.probe"
+    task_modules: str = "tasks.mentions,tasks.pricing,tasks.probe"
 
     flower_address: str = c.FLOWER_ADDRESS
     flower_port: int = c.FLOWER_PORT
@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     mentions_seed: int = 7
     mentions_poll_interval_s: float = Field(default=10.0, gt=0)
     mentions_per_poll: int = Field(default=20, ge=0)
+
+    pricing_seed: int = 11
+    #: Products in the simulated catalogue; each is repriced every tick.
+    pricing_products: int = Field(default=200, ge=0, le=1_000_000)
+    pricing_interval_s: float = Field(default=30.0, gt=0)
+    #: Largest price move per tick, as a fraction of the current price.
+    pricing_max_step: float = Field(default=0.05, gt=0, le=1)
 
     @model_validator(mode="after")
     def _flower_auth_beyond_loopback(self) -> Settings:

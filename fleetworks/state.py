@@ -170,6 +170,38 @@ def _refuse(conn: Connection, agent: str, entity: str, expected: int, token: int
     raise StateConflictError(agent, entity, expected, found.version)
 
 
+def update_in(
+    conn: Connection,
+    agent: str,
+    entity: str,
+    fn: Callable[[dict[str, Any]], dict[str, Any]],
+    *,
+    fencing_token: int,
+    writer: str | None,
+    attempts: int = 10,
+) -> tuple[Versioned, int]:
+    """Read, apply ``fn``, write, inside the caller's transaction ``conn``;
+    again on a conflict. Returns the version written and the conflicts met.
+
+    For a behaviour whose state write must commit with its other effects. A
+    conflict changes nothing, so the transaction stays usable; each retry
+    reads the newest committed version (read committed), the later ones with
+    the row locked. No back-off: the row is read again, not raced for.
+    """
+    _check_attempts(attempts)
+    for attempt in range(1, attempts + 1):
+        try:
+            written = _apply(
+                conn, agent, entity, fn, fencing_token=fencing_token, writer=writer, attempt=attempt
+            )
+        except StateConflictError:
+            if attempt == attempts:
+                raise
+            continue
+        return written, attempt - 1
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def update(
     url: str,
     agent: str,
@@ -188,26 +220,53 @@ def update(
     they read, so a writer cannot starve on a hot entity. ``fn`` may run
     several times, on different states: keep it pure.
     """
-    if attempts < 1:
-        raise ValueError(f"attempts must be >= 1, not {attempts}")
+    _check_attempts(attempts)
     for attempt in range(1, attempts + 1):
         try:
             with transaction(url) as conn:
-                current = read(conn, agent, entity, for_update=attempt > _OPTIMISTIC_ATTEMPTS)
-                return write(
+                return _apply(
                     conn,
                     agent,
                     entity,
-                    state=fn(current.state),
-                    expected_version=current.version,
+                    fn,
                     fencing_token=fencing_token,
                     writer=writer,
+                    attempt=attempt,
                 )
         except StateConflictError:
             if attempt == attempts:
                 raise
             time.sleep(random.uniform(0, min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2**attempt)))
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _apply(
+    conn: Connection,
+    agent: str,
+    entity: str,
+    fn: Callable[[dict[str, Any]], dict[str, Any]],
+    *,
+    fencing_token: int,
+    writer: str | None,
+    attempt: int,
+) -> Versioned:
+    """One read-modify-write; from the attempt past the optimistic ones, the
+    read locks the row."""
+    current = read(conn, agent, entity, for_update=attempt > _OPTIMISTIC_ATTEMPTS)
+    return write(
+        conn,
+        agent,
+        entity,
+        state=fn(current.state),
+        expected_version=current.version,
+        fencing_token=fencing_token,
+        writer=writer,
+    )
+
+
+def _check_attempts(attempts: int) -> None:
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, not {attempts}")
 
 
 def history(conn: Connection, agent: str, entity: str) -> list[Revision]:

@@ -1,0 +1,114 @@
+"""Celery tasks of the pricing agent: a poller per tick, a repricer per product.
+
+``pricing.poll`` runs once per tick (its key is the tick id) and fans out one
+``pricing.reprice`` per product in pipelined batches. A reprice's key is the
+product and the tick, its lock is the product: a tick repeated, or a product
+delivered twice, prices the product once per tick. The reprice reads the
+product's state from the state store, decides, writes the new state with its
+fencing token and records the decision in ``price_changes``, all in the
+transaction that commits the outcome.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+from sqlalchemy import insert
+
+from agents import pricing
+from config.celery import app, fleet
+from fleetworks import state
+from fleetworks.claims import now
+from fleetworks.context import AgentSpec, RunContext
+from fleetworks.enqueue import enqueue_many
+from fleetworks.models import PRICE_CHANGES
+from fleetworks.ticks import Tick
+
+POLL = "pricing.poll"
+REPRICE = "pricing.reprice"
+
+
+class PricingTick(Tick):
+    """A tick of the pricing poller: the catalogue it covers."""
+
+    products: int = Field(ge=0, le=1_000_000)
+
+
+def catalogue(size: int) -> pricing.Catalogue:
+    settings = fleet.settings
+    return pricing.Catalogue(settings.pricing_seed, size, settings.pricing_max_step)
+
+
+def window_of(tick: Tick) -> int:
+    """The market window a tick sees: its slot in pricing intervals since the epoch."""
+    return int(tick.slot.timestamp() // fleet.settings.pricing_interval_s)
+
+
+def reprice_key(product_id: str, tick: str) -> str:
+    return f"{product_id}|{tick}"
+
+
+@fleet.agent(
+    AgentSpec(
+        name=POLL,
+        payload=PricingTick,
+        key=lambda t: t.tick,
+        on_contention="skip",
+        time_limit_s=60.0,
+    )
+)
+def poll(ctx: RunContext, tick: PricingTick) -> dict[str, Any]:
+    """Fan the catalogue out: one reprice task per product, published in bulk."""
+    window = window_of(tick)
+    ctx.check_lease()
+    payloads = (
+        {"product_id": pid, "tick": tick.tick, "window": window}
+        for pid in catalogue(tick.products).ids()
+    )
+    sent = enqueue_many(
+        app, REPRICE, payloads, key=lambda p: reprice_key(p["product_id"], tick.tick)
+    )
+    return {"window": window, "enqueued": len(sent)}
+
+
+@fleet.agent(
+    AgentSpec(
+        name=REPRICE,
+        payload=pricing.Reprice,
+        key=lambda r: reprice_key(r.product_id, r.tick),
+        entity=lambda r: f"product:{r.product_id}",
+        on_contention="retry",
+        time_limit_s=30.0,
+    )
+)
+def reprice(ctx: RunContext, job: pricing.Reprice) -> dict[str, Any]:
+    product = catalogue(0).product(job.product_id)
+    market = catalogue(0).market(product, job.window)
+    decided: list[pricing.Decision] = []
+    old: list[int] = []
+
+    def next_state(current: dict[str, Any]) -> dict[str, Any]:
+        price = int(current.get("price_cents", product.list_cents))
+        decision = pricing.decide(price, product, market)
+        decided[:], old[:] = [decision], [price]
+        return {"price_cents": decision.price_cents, "strategy": product.strategy.value,
+                "tick": job.tick}  # fmt: skip
+
+    written, conflicts = state.update_in(
+        ctx.db, REPRICE, product.product_id, next_state,
+        fencing_token=ctx.fencing_token, writer=ctx.worker,
+    )  # fmt: skip
+    ctx.db.execute(
+        insert(PRICE_CHANGES).values(
+            product_id=product.product_id,
+            tick=job.tick,
+            old_cents=old[0],
+            new_cents=decided[0].price_cents,
+            version=written.version,
+            fencing_token=ctx.fencing_token,
+            created_at=now(),
+        )
+    )
+    return {"price_cents": decided[0].price_cents, "version": written.version,
+            "limited_by": decided[0].limited_by, "conflicts": conflicts}  # fmt: skip
