@@ -50,17 +50,28 @@ def fleetworks(
 def test_demo_on_embedded_default_reports_ok(tmp_path: Path) -> None:
     """`fleetworks demo --json` with nothing configured: real redis-server, SQLite, ok."""
     env = embedded_env(tmp_path / ".fleet")
-    done = fleetworks("demo", "--mentions", "300", "--json", env=env, cwd=tmp_path)
+    done = fleetworks(
+        "demo", "--mentions", "300", "--products", "200", "--interval", "4", "--json",
+        env=env, cwd=tmp_path,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["ok"] is True
     assert report["tasks_lost"] == 0
     assert report["effects_duplicated"] == 0
-    assert report["effects"] == 300
-    assert report["tasks_settled"] == report["tasks_enqueued"]
-    assert report["duplicates_injected"] >= 0.2 * 300
-    assert report["skipped_duplicate"] == report["duplicates_injected"]
-    assert report["rejected"] == 6
+    mentions = report["mentions"]
+    assert mentions["effects"] == 300
+    assert mentions["tasks_settled"] == mentions["tasks_enqueued"]
+    assert mentions["duplicates_injected"] >= 0.2 * 300
+    assert mentions["skipped_duplicate"] == mentions["duplicates_injected"]
+    assert mentions["rejected"] == 6
+    # Two pricing cycles over the whole catalogue, the leading beat killed
+    pricing = report["pricing"]
+    assert [c["products_priced"] for c in pricing["cycles"]] == [200, 200]
+    assert all(c["tasks_lost"] == 0 and c["effects_duplicated"] == 0 for c in pricing["cycles"])
+    assert all(c["duplicates_suppressed"] >= 1 for c in pricing["cycles"]), "re-sent ticks"
+    assert pricing["beat_killed"] is True and pricing["beat_failover_s"] < 10
+    assert pricing["price_chain_breaks"] == 0
     # The embedded Redis kept its data (AOF) and the results database under the home.
     assert (tmp_path / ".fleet" / "fleet.db").exists()
     assert any((tmp_path / ".fleet" / "redis").glob("appendonly*"))

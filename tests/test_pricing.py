@@ -1,0 +1,145 @@
+"""The pricing agent: guard rails on any input, a seeded market, and the
+guarded task against a real worker, Redis and database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy import func, select
+
+from agents.pricing import Catalogue, Market, Product, Rails, Strategy, decide, target
+from fleetworks.db import transaction
+from fleetworks.models import AGENT_STATE_HISTORY, OUTCOMES, PRICE_CHANGES
+from tests.conftest import Worker, start_worker, wait_for
+
+cents = st.integers(min_value=1, max_value=10_000_000)
+
+
+@st.composite
+def products(draw: st.DrawFn) -> Product:
+    floor = draw(cents)
+    ceiling = draw(st.integers(min_value=floor, max_value=floor * 20))
+    rails = Rails(floor, ceiling, draw(st.floats(min_value=0.001, max_value=1.0)))
+    strategy = draw(st.sampled_from(list(Strategy)))
+    return Product("sku-1", max(1, floor // 2), floor, rails, strategy)
+
+
+markets = st.builds(
+    Market,
+    competitor_cents=st.lists(cents, min_size=1, max_size=5).map(tuple),
+    demand=st.floats(min_value=0.0, max_value=5.0),
+)
+
+
+@given(product=products(), market=markets, data=st.data())
+def test_a_price_inside_the_rails_stays_inside_and_moves_one_step_at_most(
+    product: Product, market: Market, data: st.DataObject
+) -> None:
+    rails = product.rails
+    current = data.draw(st.integers(rails.floor_cents, rails.ceiling_cents), label="current")
+    new = decide(current, product, market).price_cents
+    assert rails.floor_cents <= new <= rails.ceiling_cents
+    assert abs(new - current) <= rails.step_cents(current)
+
+
+@given(product=products(), market=markets, current=cents)
+def test_any_price_ends_inside_the_rails(product: Product, market: Market, current: int) -> None:
+    # Given a current price that may be outside the rails (rails changed since)
+    new = decide(current, product, market).price_cents
+    assert product.rails.floor_cents <= new <= product.rails.ceiling_cents
+
+
+@given(product=products(), market=markets)
+def test_a_price_at_its_target_stays_there(product: Product, market: Market) -> None:
+    goal = target(product, market)
+    rails = product.rails
+    if rails.floor_cents <= goal <= rails.ceiling_cents:
+        decision = decide(goal, product, market)
+        assert decision.price_cents == goal and decision.limited_by is None
+
+
+def test_bad_rails_are_refused_with_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match="floor <= ceiling"):
+        Rails(500, 400, 0.05)
+    with pytest.raises(ValueError, match="max_step"):
+        Rails(100, 400, 0.0)
+
+
+def test_the_catalogue_and_its_market_are_a_function_of_the_seed() -> None:
+    a, b, other = Catalogue(11, 50), Catalogue(11, 50), Catalogue(12, 50)
+    assert list(a.ids()) == list(b.ids()) and len(list(a.ids())) == 50
+    pid = "sku-000007"
+    assert a.product(pid) == b.product(pid) != other.product(pid)
+    assert a.market(a.product(pid), 3) == b.market(b.product(pid), 3)
+    assert a.market(a.product(pid), 3) != a.market(a.product(pid), 4), "prices move"
+    strategies = {a.product(p).strategy for p in a.ids()}
+    assert strategies == set(Strategy)
+
+
+@pytest.fixture
+def pricing_worker(
+    database_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> Iterator[Worker]:
+    w = start_worker(database_url, tmp_path, "pricingw")
+    yield w
+    w.child.stop(15)
+
+
+def tick_payload(tick: str, products: int) -> dict[str, object]:
+    return {"tick": tick, "slot": tick.split("@", 1)[1], "entry": "poll-prices",
+            "products": products}  # fmt: skip
+
+
+def test_a_tick_reprices_every_product_once_even_when_sent_twice(
+    pricing_worker: Worker,
+) -> None:
+    url = pricing_worker.database_url
+    ticks = ["poll-prices@2026-11-22T10:00:00.000Z", "poll-prices@2026-11-22T10:00:30.000Z"]
+    for tick in ticks:
+        # Given a tick sent twice (two leaders in a split moment)
+        for _ in range(2):
+            pricing_worker.enqueue("pricing.poll", tick_payload(tick, 40), key=tick)
+
+        def priced(tick: str = tick) -> bool:
+            with transaction(url) as conn:
+                n = conn.execute(
+                    select(func.count()).where(PRICE_CHANGES.c.tick == tick)
+                ).scalar_one()
+            return n == 40
+
+        wait_for(priced, 60, f"40 products priced in {tick}")
+    wait_for(lambda: _settled_reprices(url) == 80, 30, "every reprice settled")
+    with transaction(url) as conn:
+        changes = conn.execute(
+            select(PRICE_CHANGES.c.product_id, PRICE_CHANGES.c.tick, PRICE_CHANGES.c.old_cents,
+                   PRICE_CHANGES.c.new_cents, PRICE_CHANGES.c.version)
+            .order_by(PRICE_CHANGES.c.product_id, PRICE_CHANGES.c.tick)
+        ).all()  # fmt: skip
+        history = conn.execute(select(func.count()).select_from(AGENT_STATE_HISTORY)).scalar_one()
+        polls = conn.execute(
+            select(OUTCOMES.c.status, OUTCOMES.c.attempts).where(OUTCOMES.c.agent == "pricing.poll")
+        ).all()
+    # Then each product was priced once per tick, the second tick starting
+    # from the first one's price, with one state version per decision
+    assert len(changes) == 80 and history == 80
+    for first, second in zip(changes[::2], changes[1::2], strict=True):
+        assert first.product_id == second.product_id
+        assert second.old_cents == first.new_cents
+        assert (first.version, second.version) == (1, 2)
+    assert sorted(polls) == [("succeeded", 1), ("succeeded", 1)]
+
+
+def _settled_reprices(url: str) -> int:
+    with transaction(url) as conn:
+        return int(
+            conn.execute(
+                select(func.count()).where(
+                    (OUTCOMES.c.agent == "pricing.reprice") & (OUTCOMES.c.status == "succeeded")
+                )
+            ).scalar_one()
+        )
