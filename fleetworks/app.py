@@ -8,10 +8,11 @@ results database is the record of every outcome).
 from __future__ import annotations
 
 import ssl
+import time
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import before_task_publish, worker_process_init
 from kombu.entity import Queue
 
 from fleetworks import constants as c
@@ -43,6 +44,9 @@ def celery_config(settings: Settings, beat_schedule: dict[str, Any]) -> dict[str
         "broker_connection_max_retries": None,
         "broker_transport_options": transport_options(settings),
         "broker_use_ssl": broker_tls(settings),
+        # The pool is sized by queue depth when the worker runs with
+        # --autoscale (fleetworks.autoscale.worker).
+        "worker_autoscaler": "fleetworks.autoscale.worker:QueueDepthAutoscaler",
         "beat_schedule": beat_schedule,
         "beat_scheduler": "fleetworks.beat:FleetScheduler",
         "beat_max_loop_interval": c.BEAT_LOOP_S,
@@ -92,3 +96,10 @@ def _after_fork(**_: Any) -> None:
     """A pool child must not reuse the parent's database or Redis sockets."""
     db.reset_after_fork()
     redisconn.reset_after_fork()
+
+
+@before_task_publish.connect  # type: ignore[untyped-decorator]
+def _stamp_sent_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """When the message left: the depth probe reads the oldest waiting age from it."""
+    if headers is not None:
+        headers.setdefault(c.SENT_AT_HEADER, time.time())

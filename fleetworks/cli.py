@@ -72,7 +72,10 @@ def _handle_stop_signals() -> None:
 @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
 @click.option("--no-beat", is_flag=True, help="Do not start beat.")
 def up(no_flower: bool, no_beat: bool) -> None:
-    """The whole fleet on this machine: broker, worker, beat, Flower. Ctrl-C stops it."""
+    """The whole fleet on this machine: broker, an autoscaled worker, beat, Flower
+    and the metrics endpoint. Ctrl-C stops it."""
+    from config import app
+    from fleetworks.metrics import serve
     from fleetworks.services import FleetProcesses, broker, echo
 
     settings = _settings()
@@ -80,8 +83,9 @@ def up(no_flower: bool, no_beat: bool) -> None:
     _handle_stop_signals()
     with broker(settings) as url:
         fleet = FleetProcesses(settings)
+        metrics = serve(app, settings, settings.metrics_address, settings.metrics_port)
         try:
-            fleet.worker()
+            fleet.worker(autoscale=True)
             if not no_beat:
                 fleet.beat()
             if not no_flower:
@@ -90,6 +94,10 @@ def up(no_flower: bool, no_beat: bool) -> None:
             echo(f"database {redact(settings.database)}")
             if not no_flower:
                 echo(f"flower   http://{settings.flower_address}:{settings.flower_port}")
+            host, port = metrics.server_address[:2]
+            echo(f"metrics  http://{host!s}:{port}/metrics")
+            low, high = settings.autoscale_min_workers, settings.autoscale_max_workers
+            echo(f"workers  pool of {low}..{high} processes, sized by queue depth")
             echo(f"logs     {settings.home / 'logs'}   (Ctrl-C to stop)")
             while not (dead := fleet.dead()):
                 time.sleep(0.5)
@@ -105,8 +113,32 @@ def up(no_flower: bool, no_beat: bool) -> None:
             # A second Ctrl-C must not abort the stop halfway; the grace period bounds it.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            metrics.shutdown()
             fleet.stop()
     sys.exit(code)
+
+
+@main.command()
+@click.option("--address", default=None, help="[default: FLEET_METRICS_ADDRESS]")
+@click.option("--port", type=int, default=None, help="[default: FLEET_METRICS_PORT]")
+def metrics(address: str | None, port: int | None) -> None:
+    """Serve /metrics (Prometheus) and /scale (KEDA metrics-api) until stopped."""
+    from config import app
+    from fleetworks.metrics import serve
+    from fleetworks.services import echo
+
+    settings = _settings()
+    _handle_stop_signals()
+    server = serve(
+        app, settings, address or settings.metrics_address, port or settings.metrics_port
+    )
+    host, bound = server.server_address[:2]
+    echo(f"metrics  http://{host!s}:{bound}/metrics and /scale?queue={settings.queue}")
+    try:
+        while True:
+            time.sleep(3600)
+    except (KeyboardInterrupt, _Stop):
+        server.shutdown()
 
 
 def _exec_celery(command: str, *args: str) -> NoReturn:

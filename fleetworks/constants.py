@@ -162,6 +162,27 @@ MISFIRE_GRACE_S: Final = BEAT_LEASE_TTL_S + 2 * BEAT_LOOP_S
 #: outage of every beat.
 CATCH_UP_MAX_SLOTS: Final = 1000
 
+# --- Autoscaling ------------------------------------------------------------
+
+#: Seconds between an autoscaled worker's looks at its queues' depth: the
+#: reaction time to a burst is at most this plus a fork.
+AUTOSCALE_INTERVAL_S: Final = 1.0
+
+#: ``fleet:autoscale:<worker>`` is a hash an autoscaled worker writes at
+#: every look (desired, actual, backlog, running): what ``/metrics`` reports.
+AUTOSCALE_KEY: Final = KEY_PREFIX + "autoscale:"
+
+#: Seconds such a hash lives unless rewritten: a stopped worker drops out.
+AUTOSCALE_REPORT_TTL_S: Final = 10
+
+#: Header stamped on every message our app publishes (epoch seconds), from
+#: which the depth probe tells the age of the oldest waiting message.
+SENT_AT_HEADER: Final = "fleet_sent_at"
+
+#: TCP port of the Prometheus ``/metrics`` endpoint ``up`` serves (and
+#: ``fleetworks metrics``). 9808: free in Prometheus' port allocation list.
+METRICS_PORT: Final = 9808
+
 # --- Results database -------------------------------------------------------
 
 #: Milliseconds SQLite waits for a competing writer before failing. Workers

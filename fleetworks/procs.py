@@ -39,11 +39,20 @@ def celery_argv(command: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "config", command, *args]
 
 
-def worker_args(settings: Settings, name: str, *, queues: Sequence[str] = ()) -> list[str]:
-    """Arguments of ``celery worker`` for a fleet worker called ``name``."""
+def worker_args(
+    settings: Settings, name: str, *, queues: Sequence[str] = (), autoscale: bool = False
+) -> list[str]:
+    """Arguments of ``celery worker`` for a fleet worker called ``name``; with
+    ``autoscale``, its pool follows the queue depth between the
+    ``FLEET_AUTOSCALE_*`` bounds (fleetworks.autoscale.worker)."""
+    pool = (
+        ["--autoscale", f"{settings.autoscale_max_workers},{settings.autoscale_min_workers}"]
+        if autoscale
+        else ["-c", str(settings.worker_concurrency)]
+    )
     return [
         "-n", f"{name}@%h",
-        "-c", str(settings.worker_concurrency),
+        *pool,
         "-P", settings.worker_pool,
         "-Q", ",".join(queues or [settings.queue]),
         "--loglevel", settings.log_level,
@@ -52,8 +61,10 @@ def worker_args(settings: Settings, name: str, *, queues: Sequence[str] = ()) ->
     ]  # fmt: skip
 
 
-def worker_argv(settings: Settings, name: str, *, queues: Sequence[str] = ()) -> list[str]:
-    return celery_argv("worker", *worker_args(settings, name, queues=queues))
+def worker_argv(
+    settings: Settings, name: str, *, queues: Sequence[str] = (), autoscale: bool = False
+) -> list[str]:
+    return celery_argv("worker", *worker_args(settings, name, queues=queues, autoscale=autoscale))
 
 
 @dataclass

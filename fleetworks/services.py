@@ -65,8 +65,8 @@ class FleetProcesses:
         self.children.append(child)
         return child
 
-    def worker(self, name: str = "worker") -> Child:
-        return self.add(name, worker_argv(self.settings, name))
+    def worker(self, name: str = "worker", *, autoscale: bool = False) -> Child:
+        return self.add(name, worker_argv(self.settings, name, autoscale=autoscale))
 
     def beat(self, name: str = "beat") -> Child:
         schedule = str((self.settings.home / "celerybeat-schedule").resolve())

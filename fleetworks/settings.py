@@ -57,12 +57,34 @@ class Settings(BaseSettings):
     mentions_poll_interval_s: float = Field(default=10.0, gt=0)
     mentions_per_poll: int = Field(default=20, ge=0)
 
+    #: Pool processes of an autoscaled worker (``up``): never fewer, never more.
+    autoscale_min_workers: int = Field(default=1, ge=1)
+    autoscale_max_workers: int = Field(default=8, ge=1)
+    #: Waiting plus running tasks one worker process is sized for.
+    autoscale_target_per_worker: int = Field(default=2, ge=1)
+    #: Seconds the load must stay low before each one-step scale-down.
+    autoscale_scale_down_after_s: float = Field(default=30.0, ge=0)
+    #: RabbitMQ management API (``http://user:pass@host:15672``), for the
+    #: unacked count of a queue; without it RabbitMQ reports ready messages only.
+    rabbitmq_management_url: SecretStr | None = None
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int = Field(default=c.METRICS_PORT, ge=0, le=65535)
+
     pricing_seed: int = 11
     #: Products in the simulated catalogue; each is repriced every tick.
     pricing_products: int = Field(default=200, ge=0, le=1_000_000)
     pricing_interval_s: float = Field(default=30.0, gt=0)
     #: Largest price move per tick, as a fraction of the current price.
     pricing_max_step: float = Field(default=0.05, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _autoscale_bounds(self) -> Settings:
+        if self.autoscale_min_workers > self.autoscale_max_workers:
+            raise ValueError(
+                f"FLEET_AUTOSCALE_MIN_WORKERS ({self.autoscale_min_workers}) is above "
+                f"FLEET_AUTOSCALE_MAX_WORKERS ({self.autoscale_max_workers})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _flower_auth_beyond_loopback(self) -> Settings:

@@ -167,20 +167,22 @@ def start_worker(
     concurrency: int = 2,
     queue: str | None = None,
     ready_app: Any = None,
+    autoscale: str | None = None,
     **env: str,
 ) -> Worker:
     """A worker subprocess on ``queue`` (default: its own), ready to consume.
 
     ``ready_app`` is the Celery app to ping it with when its broker is not the
-    test broker.
+    test broker; ``autoscale`` (``"MAX,MIN"``) replaces the fixed pool.
     """
     from config import app as test_app
     from fleetworks.procs import Child, celery_argv, wait_workers
 
     app = ready_app or test_app
     queue = queue or f"test-{name}"
+    pool = ["--autoscale", autoscale] if autoscale else ["-c", str(concurrency)]
     argv = celery_argv(
-        "worker", "-n", f"{name}@%h", "-Q", queue, "-c", str(concurrency),
+        "worker", "-n", f"{name}@%h", "-Q", queue, *pool,
         "--loglevel", "INFO", "--without-mingle", "--without-gossip",
     )  # fmt: skip
     child_env = dict(os.environ, FLEET_DATABASE_URL=database_url, FLEET_QUEUE=queue, **env)
