@@ -144,6 +144,47 @@ def run_throughput(settings: Settings, *, tasks: int, rounds: int) -> dict[str, 
     }
 
 
+def _publish_rate(app: Any, client: redis.Redis, n: int, *, batched: bool) -> float:
+    """Messages per second publishing ``n`` reprice-sized tasks to a queue nobody reads."""
+    queue = f"bench.fanout.{uuid.uuid4().hex[:8]}"
+    payloads = [{"product_id": f"sku-{i:06d}", "tick": "t@0", "window": 0} for i in range(n)]
+    started = time.perf_counter()
+    if batched:
+        enqueue_many(app, "pricing.reprice", payloads, queue=queue)
+    else:
+        with app.producer_or_acquire() as producer:
+            for p in payloads:
+                app.send_task("pricing.reprice", kwargs={"payload": p}, queue=queue,
+                              producer=producer)  # fmt: skip
+    elapsed = time.perf_counter() - started
+    assert client.llen(queue) == n, "every message must be in the queue"
+    client.delete(queue)
+    return n / elapsed
+
+
+def run_fanout(settings: Settings, *, tasks: int, rounds: int) -> dict[str, Any]:
+    """Pipelined publishing (``enqueue_many``) against one publish per message,
+    both through Celery's ``send_task`` on one producer, alternating."""
+    from config import app
+
+    client = redis.Redis.from_url(settings.broker)
+    single: list[float] = []
+    piped: list[float] = []
+    _publish_rate(app, client, 200, batched=True)  # connect, declare, warm
+    for r in range(rounds):
+        order = [(False, single), (True, piped)]
+        for batched, results in order if r % 2 == 0 else reversed(order):
+            results.append(_publish_rate(app, client, tasks, batched=batched))
+    one, many = statistics.median(single), statistics.median(piped)
+    return {
+        "tasks": tasks,
+        "rounds": rounds,
+        "one_per_message_per_s": round(one, 1),
+        "pipelined_per_s": round(many, 1),
+        "ratio": round(many / one, 2),
+    }
+
+
 def render(result: dict[str, Any]) -> str:
     w = result["where_time_goes"]
     return "\n".join(

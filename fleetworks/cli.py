@@ -444,6 +444,27 @@ def bench_throughput(tasks: int, rounds: int, as_json: bool) -> None:
         click.echo(render(result))
 
 
+@bench.command("fanout")
+@click.option("--tasks", default=10_000, show_default=True)
+@click.option("--rounds", default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_fanout(tasks: int, rounds: int, as_json: bool) -> None:
+    """Publishing a fan-out: pipelined batches against one round trip per message."""
+    from fleetworks.bench import run_fanout
+    from fleetworks.services import broker
+
+    settings = _settings()
+    with broker(settings):
+        result = run_fanout(settings, tasks=tasks, rounds=rounds)
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(
+            f"fan-out of {tasks}: one per message {result['one_per_message_per_s']}/s, "
+            f"pipelined {result['pipelined_per_s']}/s, ratio {result['ratio']}"
+        )
+
+
 @bench.command("autoscale")
 @click.option("--tasks", default=800, show_default=True, help="Tasks in the burst.")
 @click.option("--work-ms", default=100, show_default=True, help="Milliseconds each task works.")
