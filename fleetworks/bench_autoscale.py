@@ -44,7 +44,7 @@ def _pool(client: redis.Redis, worker: str) -> int | None:
 def _settled(url: str, tag: str) -> tuple[int, int]:
     """(keys settled, keys claimed more than once) of this phase."""
     o = OUTCOMES.c
-    mine = o.idempotency_key.like(f"{tag}-%")
+    mine = o.idempotency_key.like(f"probe:{tag}-%")
     with transaction(url) as conn:
         settled = conn.execute(
             select(func.count()).where(mine & o.status.in_(TERMINAL))

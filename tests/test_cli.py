@@ -28,6 +28,7 @@ def embedded_env(home: Path) -> dict[str, str]:
         FLEET_HOME=str(home),
         FLEET_EMBEDDED_REDIS_PORT=str(free_port()),
         FLEET_FLOWER_PORT=str(free_port()),
+        FLEET_METRICS_PORT=str(free_port()),
         FLEET_MENTIONS_POLL_INTERVAL_S="2",
     )
     return env
@@ -107,6 +108,17 @@ def test_up_serves_flower_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
             )
 
         wait_for(flower_sees_worker, timeout_s=90, what="Flower to see the worker run a poll")
+        # And up's own endpoint reports the queue and the autoscaled pool
+        ours = f"http://127.0.0.1:{env['FLEET_METRICS_PORT']}/metrics"
+
+        def pool_reported() -> str | None:
+            with urllib.request.urlopen(ours, timeout=5) as resp:
+                text = resp.read().decode()
+            return text if 'fleetworks_workers_actual{queue="fleet"}' in text else None
+
+        text = wait_for(pool_reported, timeout_s=30, what="the autoscaler's first report")
+        assert 'fleetworks_queue_backlog{queue="fleet"}' in text
+        assert 'fleetworks_workers_desired{queue="fleet"}' in text
         tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert len(tree) >= 5  # up, redis-server, worker (+ pool), beat, flower
     finally:
@@ -135,6 +147,21 @@ def test_bench_throughput_reports_ratio_against_plain_celery(tmp_path: Path) -> 
     assert costs["redis_commands_per_task"] == pytest.approx(6, abs=0.1)
     # BEGIN + claim upsert, BEGIN + outcome update.
     assert costs["sql_statements_per_task"] == pytest.approx(4, abs=0.1)
+
+
+def test_bench_autoscale_grows_the_pool_and_loses_nothing(tmp_path: Path) -> None:
+    """A short step load: the pool leaves its minimum, reaches its maximum and
+    comes back; no task interrupted, lost or doubled (times are the bench's to report)."""
+    env = embedded_env(tmp_path / ".fleet") | {"FLEET_AUTOSCALE_MAX_WORKERS": "4"}
+    args = ("bench", "autoscale", "--tasks", "48", "--work-ms", "150", "--scale-down-after", "1")
+    done = fleetworks(*args, "--json", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout)
+    assert r["idle_workers"] == 1 and r["peak_workers"] == 4
+    assert r["reaction_s"] is not None and r["full_capacity_s"] is not None
+    assert r["scale_down_s"] is not None
+    assert (r["interrupted"], r["lost"], r["effects_duplicated"]) == (0, 0, 0)
+    assert r["completion_s"] and r["fixed_max_completion_s"] and r["fixed_min_completion_s"]
 
 
 def test_enqueue_refuses_bad_json_and_unknown_agent(tmp_path: Path) -> None:
