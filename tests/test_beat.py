@@ -106,6 +106,21 @@ def assert_each_slot_once(url: str, *beats: Child) -> list[datetime]:
     return slots
 
 
+def leader_and_other(
+    worker: Worker, client: redis.Redis, log_dir: Path
+) -> tuple[list[Child], Child, Child]:
+    """Two beats running ticks: both, the one leading, the other."""
+    beats = [start_beat(worker, log_dir, n) for n in ("beat-a", "beat-b")]
+    try:
+        wait_for(lambda: len(tick_rows(worker.database_url)) >= 3, 60, "3 ticks")
+        pid = wait_for(lambda: leader_pid(client), 10, "a leader")
+    except BaseException:
+        stop(*beats)
+        raise
+    leader = next(b for b in beats if b.pid == pid)
+    return beats, leader, next(b for b in beats if b is not leader)
+
+
 def stop(*beats: Child) -> None:
     for b in beats:
         b.stop(10)
@@ -130,12 +145,8 @@ def test_two_beats_send_each_slot_once(
 def test_a_killed_leader_is_replaced_within_the_lease(
     tick_worker: Worker, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    beats = [start_beat(tick_worker, tmp_path, n) for n in ("beat-a", "beat-b")]
+    beats, leader, other = leader_and_other(tick_worker, redis_client, tmp_path)
     try:
-        wait_for(lambda: len(tick_rows(tick_worker.database_url)) >= 3, 60, "3 ticks")
-        pid = wait_for(lambda: leader_pid(redis_client), 10, "a leader")
-        leader = next(b for b in beats if b.pid == pid)
-        other = next(b for b in beats if b.pid != pid)
         # When the leader is killed with no chance to step down
         leader.signal(signal.SIGKILL)
         killed = time.monotonic()
@@ -155,12 +166,8 @@ def test_a_killed_leader_is_replaced_within_the_lease(
 def test_a_stalled_leader_steps_down_and_its_late_ticks_do_not_run_twice(
     tick_worker: Worker, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    beats = [start_beat(tick_worker, tmp_path, n) for n in ("beat-a", "beat-b")]
+    beats, stalled, other = leader_and_other(tick_worker, redis_client, tmp_path)
     try:
-        wait_for(lambda: len(tick_rows(tick_worker.database_url)) >= 3, 60, "3 ticks")
-        pid = wait_for(lambda: leader_pid(redis_client), 10, "a leader")
-        stalled = next(b for b in beats if b.pid == pid)
-        other = next(b for b in beats if b.pid != pid)
         # Given the leader frozen past its lease, and the other beat leading
         stalled.signal(signal.SIGSTOP)
         wait_for(lambda: leader_pid(redis_client) == other.pid, 15, "the other beat to lead")
