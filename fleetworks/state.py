@@ -24,6 +24,11 @@ second ``UPDATE .. WHERE version = expected`` waits for the first, re-checks
 the committed row and changes nothing: a conflict. Concurrent first writes
 meet on the primary key. There is no guarantee across entities beyond what
 the caller's own transaction gives.
+
+No Redis cache in front: a read is one primary-key lookup in the same
+transaction that writes, and the entity's lease already serializes its
+writers, so a cache would save one indexed select per run while adding a
+second copy to keep consistent across a Redis restart. It does not pay.
 """
 
 from __future__ import annotations
