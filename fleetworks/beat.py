@@ -146,9 +146,13 @@ class FleetScheduler(Scheduler):  # type: ignore[misc]
         """Send every planned tick, then record the entries' handled-to times."""
         advance: list[str | int] = []
         for name, p in plans.items():
-            entry = self.schedule[name]
-            for slot in p.run:
-                self.send_tick(entry, slot)
+            sent = self._send_entry(self.schedule[name], p.run)
+            if sent is not p.run:
+                # The broker refused a tick: record what went out, send the
+                # rest at the next loop.
+                if sent:
+                    advance += [name, _ms(sent[-1])]
+                break
             if p.dropped:
                 log.warning(
                     "beat: %s: %d missed slot(s) not run (misfire %s)",
@@ -165,6 +169,18 @@ class FleetScheduler(Scheduler):  # type: ignore[misc]
         keys = [c.LOCK_KEY + self.leadership.entity, self._slots_key]
         if not self._advance(keys=keys, args=[lease.token, *advance]):
             log.warning("beat: lead lost while sending; the next leader resends (deduplicated)")
+
+    def _send_entry(self, entry: ScheduleEntry, slots: list[datetime]) -> list[datetime]:
+        """Send ``slots`` in order; returns ``slots`` itself if all went out,
+        else the ones that did before the broker failed."""
+        for i, slot in enumerate(slots):
+            try:
+                self.send_tick(entry, slot)
+            except Exception as exc:
+                tick = ticks.tick_id(entry.name, slot)
+                log.error("beat: could not send %s (%s); sending it again next loop", tick, exc)
+                return slots[:i]
+        return slots
 
     def send_tick(self, entry: ScheduleEntry, slot: datetime) -> str:
         """Send ``entry``'s tick at ``slot``; returns the tick id."""
