@@ -188,3 +188,44 @@ def test_a_stalled_leader_steps_down_and_its_late_ticks_do_not_run_twice(
     slots = sorted(slot_of(k) for k, *_ in rows)
     assert len(slots) == len(set(slots))
     assert slots[-1] - slots[0] >= timedelta(seconds=6)
+
+
+def test_a_tick_the_broker_refuses_is_sent_again_once_it_is_back(
+    redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    from beat_schedule import schedule
+    from fleetworks.app import create_app
+    from fleetworks.beat import FleetScheduler
+    from fleetworks.embedded import EmbeddedRedis, free_port
+    from fleetworks.settings import Settings
+    from tests.conftest import LOCKS_URL
+
+    broker = EmbeddedRedis(tmp_path / "broker", port=free_port()).start()
+    try:
+        settings = Settings(broker_url=broker.url, redis_url=LOCKS_URL, mentions_poll_interval_s=1)
+        app = create_app(settings, schedule(settings))
+        scheduler = FleetScheduler(app)
+        slots_key = f"{c.BEAT_SLOTS_KEY}fleetworks:slots"
+        assert scheduler.tick() > 0  # leads; the poller is seen for the first time
+        scheduler.producer  # connected while the broker is up  # noqa: B018
+        # Given the poller's slots handled up to 3 s ago, and the broker down
+        behind = int((time.time() - 3) * 1000)
+        redis_client.hset(slots_key, "poll-mentions", behind)
+        broker.stop()
+        # When beat loops: the tick cannot go out, and beat survives it
+        scheduler.tick()
+        assert int(redis_client.hget(slots_key, "poll-mentions") or 0) == behind
+        # Then with the broker back the tick is sent and recorded
+        broker.start()
+        wait_for(
+            lambda: (
+                scheduler.tick() is not None
+                and int(redis_client.hget(slots_key, "poll-mentions") or 0) > behind
+            ),
+            30,
+            "the tick sent after the broker came back",
+        )
+        queued = redis.Redis.from_url(broker.url).lrange("fleet", 0, -1)
+        assert any(b"poll-mentions@" in m for m in queued)
+    finally:
+        broker.stop()
