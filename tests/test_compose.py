@@ -11,14 +11,15 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from fleetworks import constants as c
 from fleetworks.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 
-SERVICES = ("redis", "postgres", "migrate", "worker", "beat", "flower")
-APP_SERVICES = ("migrate", "worker", "beat", "flower")
+SERVICES = ("redis", "postgres", "migrate", "worker", "beat", "flower", "metrics")
+APP_SERVICES = ("migrate", "worker", "beat", "flower", "metrics")
 BACKING_SERVICES = ("redis", "postgres")
 REQUIRED_ENV = ("FLEET_BROKER_URL", "FLEET_REDIS_URL", "FLEET_DATABASE_URL")
 COMMAND_PREFIXES = ("celery -A config", "fleetworks")
@@ -184,8 +185,9 @@ def test_flower_is_local_and_authenticated(services: dict[str, dict[str, Any]]) 
 
 
 def test_worker_stop_grace_period(services: dict[str, dict[str, Any]]) -> None:
-    """The worker's stop grace period covers the default 30 s agent time limit."""
-    assert _parse_duration(services["worker"]["stop_grace_period"]) >= 30
+    """The worker's stop grace period covers the longest time limit and retry wait."""
+    needed = Settings().max_time_limit_s + c.RETRY_BACKOFF_MAX_S + c.VISIBILITY_SLACK_S
+    assert _parse_duration(services["worker"]["stop_grace_period"]) >= needed
 
 
 def test_dockerfile_copies_packages() -> None:
