@@ -1,8 +1,11 @@
 FROM python:3.11-slim
 
+# The runtime is installed as the package fleetworks; this repository's fleet
+# (config/, agents/, tasks/, beat_schedule.py) is found on PYTHONPATH.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONPATH=/app
 
 WORKDIR /app
 

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 DEPS   := pyproject.toml constraints.txt
 
-.PHONY: install dev up demo test test-slow lint bench clean
+.PHONY: install dev up demo test test-slow test-dates lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,18 @@ test: lint
 
 test-slow: dev
 	$(BIN)/python -m pytest -m slow
+
+# The suite with the wall clock of every Python process it starts moved
+# (tests/clock/sitecustomize.py, time-machine; the servers keep theirs): a
+# leap day, a year end crossed during the run, and a month end.
+DATES := "2028-02-29 11:50:00" "2026-12-31 23:55:00" "2027-06-30 23:58:00"
+test-dates: dev
+	set -e; for at in $(DATES); do \
+	  offset=$$(( $$(date -u -d "$$at" +%s) - $$(date -u +%s) )); \
+	  echo "== the suite at $$at UTC (clock moved by $$offset s)"; \
+	  FLEET_TEST_CLOCK_OFFSET_S=$$offset PYTHONPATH=$(CURDIR)/tests/clock \
+	    $(BIN)/python -m pytest -m "not slow" -q -p no:cacheprovider; \
+	done
 
 bench: install
 	$(BIN)/fleetworks bench throughput

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from beat_schedule import schedule
 from config.settings import settings
-from fleetworks.agent import Fleet
-from fleetworks.app import create_app
+from fleetworks import create_app, fleet_of
 
-app = create_app(settings, schedule(settings))
-fleet = Fleet(app, settings)
+#: This deployment's task modules: one per agent.
+TASK_MODULES = ["tasks.mentions", "tasks.pricing", "fleetworks.proving.probe"]
+
+app = create_app(
+    settings,
+    schedule(),
+    modules=TASK_MODULES,
+    # The deployment's own tables (tasks/schema.py), on their own Alembic branch.
+    migrations=str(Path(__file__).with_name("migrations")),
+)
+fleet = fleet_of(app)
 
 __all__ = ["app", "fleet"]

@@ -1,9 +1,46 @@
-"""Settings of this deployment: the typed ``FLEET_*`` object from the runtime."""
+"""Settings of this deployment: the runtime's ``FLEET_*`` object and each agent's own."""
 
 from __future__ import annotations
 
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from fleetworks.settings import Settings, get_settings, redact
 
-__all__ = ["Settings", "get_settings", "redact", "settings"]
+
+class MentionsSettings(BaseSettings):
+    """``FLEET_MENTIONS_*``: the mentions agent's feed and poll."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_MENTIONS_", env_file=".env", extra="ignore")
+
+    seed: int = 7
+    poll_interval_s: float = Field(default=10.0, gt=0)
+    per_poll: int = Field(default=20, ge=0)
+
+
+class PricingSettings(BaseSettings):
+    """``FLEET_PRICING_*``: the pricing agent's catalogue and cycle."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_PRICING_", env_file=".env", extra="ignore")
+
+    seed: int = 11
+    #: Products in the simulated catalogue; each is repriced every tick.
+    products: int = Field(default=200, ge=0, le=1_000_000)
+    interval_s: float = Field(default=30.0, gt=0)
+    #: Largest price move per tick, as a fraction of the current price.
+    max_step: float = Field(default=0.05, gt=0, le=1)
+
 
 settings: Settings = get_settings()
+mentions = MentionsSettings()
+pricing = PricingSettings()
+
+__all__ = [
+    "MentionsSettings",
+    "PricingSettings",
+    "Settings",
+    "mentions",
+    "pricing",
+    "redact",
+    "settings",
+]

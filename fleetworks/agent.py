@@ -1,81 +1,144 @@
-"""Binding an agent behaviour to Celery, with the guard around it.
+"""A fleet: the runtime bound to one Celery app, and the agents bound to it.
 
-``@fleet.agent(spec)`` turns ``behaviour(ctx, payload) -> result`` into a
-Celery task that is late-acknowledged, rejected (requeued) when its worker
-process is lost, and run through :class:`fleetworks.guard.Guard`. The task's
-arguments are always ``payload=<JSON object>`` and optionally ``key=<str>``
-(an explicit idempotency key); anything else is recorded as ``rejected``.
+``@fleet.agent(spec)`` turns ``behaviour(ctx, payload) -> result`` into an
+:class:`AgentTask`: late-acknowledged, rejected (requeued) when its worker
+process is lost, and run through :class:`fleetworks.guard.Guard`. Its
+arguments are always those :mod:`fleetworks.message` builds; anything else is
+recorded as ``rejected``.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from celery import Celery, Task
 
-from fleetworks.context import AgentSpec, RetryRequested, RunContext
-from fleetworks.guard import Guard
-from fleetworks.hooks import ClaimKey, EntityLock, ValidatePayload
+from fleetworks import message, reaper
+from fleetworks.context import AgentSpec, RunContext
+from fleetworks.guard import Behaviour, Delivery, Guard, RetryRequested
+from fleetworks.ledger import Ledger
+from fleetworks.locks import EntityLocks, Heartbeat
 from fleetworks.redisconn import get_redis
-from fleetworks.request import UNRUNNABLE, GuardedTask
+from fleetworks.request import GuardedTask
 from fleetworks.settings import Settings
-
-Behaviour = Callable[[RunContext, Any], Any]
-
-#: Name of the runtime's reaper task, scheduled by beat.
-REAP_TASK = "fleet.reap"
+from fleetworks.timing import Timings
 
 #: Share of the hard time limit given as the soft limit, so a behaviour gets
 #: ``SoftTimeLimitExceeded`` and can stop cleanly before it is killed.
 SOFT_LIMIT_SHARE = 0.9
 
+_FLEETS: weakref.WeakKeyDictionary[Celery, Fleet] = weakref.WeakKeyDictionary()
 
-def unpack(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str | None, str | None]:
-    """(payload, explicit key, shape problem) from a task's raw arguments."""
-    if UNRUNNABLE in kwargs:
-        return None, None, str(kwargs[UNRUNNABLE])
-    extra = set(kwargs) - {"payload", "key"}
-    if args or extra or "payload" not in kwargs:
-        got = f"{len(args)} positional args, keyword args {sorted(kwargs)}"
-        return None, None, f"agent tasks take payload=<object> and optional key=<str>; got {got}"
-    key = kwargs.get("key")
-    if key is not None and not isinstance(key, str):
-        return None, None, f"key must be a string, got {type(key).__name__}"
-    return kwargs["payload"], key, None
+#: Agents declared with :func:`shared_agent`: bound to every fleet, present and future.
+_SHARED: list[tuple[AgentSpec, Behaviour, dict[str, Any]]] = []
+
+
+def shared_agent(spec: AgentSpec, **options: Any) -> Callable[[Behaviour], Behaviour]:
+    """Declare an agent without importing an app, the way Celery's ``shared_task`` does.
+
+    The behaviour is bound to every fleet that exists now and to each one
+    made later, so a task module never needs the deployment's app: the worker
+    imports it (``init_app(modules=[...])`` or ``FLEET_TASK_MODULES``) and it
+    joins that worker's fleet.
+    """
+
+    def declare(behaviour: Behaviour) -> Behaviour:
+        _SHARED.append((spec, behaviour, options))
+        for fleet in list(_FLEETS.values()):
+            fleet.agent(spec, **options)(behaviour)
+        return behaviour
+
+    return declare
+
+
+class UnknownAgentError(LookupError):
+    """A name no agent of the fleet has; the message lists the known ones."""
+
+
+class AgentTask(GuardedTask):
+    """The Celery task of one agent. ``fleet``, ``spec`` and ``behaviour`` are
+    set on the subclass :meth:`Fleet.agent` creates."""
+
+    fleet: ClassVar[Fleet]
+    agent_spec: ClassVar[AgentSpec]
+    behaviour: ClassVar[Behaviour]
+
+    def run_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        request = self.request
+        info = request.delivery_info or {}
+        delivery = Delivery(
+            task_id=request.id or "",
+            worker=f"{request.hostname or 'local'}/{os.getpid()}",
+            args=tuple(args),
+            kwargs=kwargs,
+            retries=request.retries or 0,
+            queue=info.get("routing_key"),
+            delivery_tag=str(info.get("delivery_tag") or ""),
+        )
+        try:
+            return self.fleet.guard.run(self.agent_spec, type(self).behaviour, delivery)
+        except RetryRequested as again:
+            raise self.retry(countdown=again.countdown, max_retries=None, exc=again.exc) from None
+
+    def free_orphaned_lease(self, kwargs: dict[str, Any], delivery_tag: str) -> bool:
+        parsed = message.unpack((), kwargs)
+        if isinstance(parsed, message.Problem) or not isinstance(parsed.payload, dict):
+            return False
+        payload = self.agent_spec.payload.model_validate(parsed.payload)
+        entity = self.agent_spec.identify(payload, parsed.key).entity
+        return self.fleet.locks.release_owner(entity, delivery_tag)
 
 
 class Fleet:
-    """The runtime of one deployment: settings, guard, and the agents bound to it."""
+    """The runtime of one Celery app: settings, ledger, locks, guard and agents.
 
-    def __init__(self, app: Celery, settings: Settings) -> None:
+    Made by :func:`fleetworks.init_app`; found again with :meth:`Fleet.of`.
+    """
+
+    def __init__(self, app: Celery, settings: Settings, *, migrations: str | None = None) -> None:
         self.app = app
         self.settings = settings
-        self.lock = EntityLock(
-            lambda: get_redis(settings.redis, **settings.redis_tls(settings.redis))
-        )
-        self.guard = Guard([ValidatePayload(), self.lock, ClaimKey(self.lock)])
+        self.migrations = migrations
+        self.timings = Timings.from_settings(settings)
+        self.ledger = Ledger(settings.database)
+        self._locks: EntityLocks | None = None
+        self._client_id = 0
+        self.heartbeat = Heartbeat(lambda: self.locks)
+        self.guard = Guard(self.ledger, lambda: self.locks, self.heartbeat, app=app)
         self.agents: dict[str, AgentSpec] = {}
-        self.behaviours: dict[str, Behaviour] = {}
-        self._register_reaper()
+        self._imported = False
+        reaper.register(self)
+        _FLEETS[app] = self
+        for spec, behaviour, options in _SHARED:
+            self.agent(spec, **options)(behaviour)
 
-    def _register_reaper(self) -> None:
-        fleet = self
+    @staticmethod
+    def of(app: Celery) -> Fleet:
+        fleet = _FLEETS.get(app)
+        if fleet is None:
+            raise LookupError(
+                f"Celery app {app.main!r} has no fleet: call fleetworks.init_app(app) where "
+                "the app is created"
+            )
+        return fleet
 
-        @self.app.task(name=REAP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
-        def reap() -> dict[str, Any]:
-            """Republish claims whose holder is gone (see fleetworks.reaper)."""
-            from fleetworks.reaper import reap as reap_orphans
-            from fleetworks.reaper import restore_stranded
+    @property
+    def locks(self) -> EntityLocks:
+        """The lock store on this process's Redis client (new after a fork)."""
+        client = get_redis(self.settings.redis, **self.settings.redis_tls(self.settings.redis))
+        if self._locks is None or self._client_id != id(client):
+            self._locks = EntityLocks(client)
+            self._client_id = id(client)
+        return self._locks
 
-            keys = reap_orphans(fleet.app, fleet.settings.database, fleet.lock.locks)
-            restored = restore_stranded(fleet.app, fleet, fleet.settings.database)
-            return {"republished": len(keys), "restored": len(restored)}
+    def agent(self, spec: AgentSpec, **options: Any) -> Callable[[Behaviour], Task]:
+        """Decorator: bind ``behaviour`` to a guarded Celery task named ``spec.name``.
 
-    def agent(self, spec: AgentSpec) -> Callable[[Behaviour], Task]:
-        """Decorator: bind ``behaviour`` to a guarded Celery task named ``spec.name``."""
-
+        ``options`` are further Celery task options (``queue``, ``rate_limit``, ...).
+        """
         if spec.time_limit_s > self.settings.max_time_limit_s:
             raise ValueError(
                 f"{spec.name}: time_limit_s {spec.time_limit_s} exceeds FLEET_MAX_TIME_LIMIT_S "
@@ -83,12 +146,13 @@ class Fleet:
             )
 
         def bind(behaviour: Behaviour) -> Task:
-            fleet = self
-
-            @self.app.task(  # type: ignore[untyped-decorator]
+            task = self.app.task(
                 name=spec.name,
-                base=GuardedTask,
+                base=AgentTask,
                 bind=True,
+                fleet=self,
+                agent_spec=spec,
+                behaviour=staticmethod(behaviour),
                 acks_late=True,
                 reject_on_worker_lost=True,
                 time_limit=spec.time_limit_s,
@@ -96,54 +160,43 @@ class Fleet:
                 max_retries=None,
                 typing=False,
                 ignore_result=True,
-            )
-            def run(task: Task, *args: Any, **kwargs: Any) -> Any:
-                return fleet.execute(task, spec, behaviour, args, kwargs)
-
-            run.agent_spec = spec
-            run.free_orphaned_lease = lambda kwargs, tag: fleet.free_orphaned_lease(
-                spec, kwargs, tag
-            )
+                **options,
+            )(_agent_run)
             self.agents[spec.name] = spec
-            self.behaviours[spec.name] = behaviour
-            return run
+            return task
 
         return bind
 
-    def free_orphaned_lease(self, spec: AgentSpec, kwargs: dict[str, Any], tag: str) -> bool:
-        """In the worker's main process: delete the lease a lost child held."""
-        payload, key, problem = unpack((), kwargs)
-        if problem is not None or not isinstance(payload, dict):
-            return False
-        parsed = spec.payload.model_validate(payload)
-        key = key if key is not None else spec.key(parsed)
-        entity = spec.entity(parsed) if spec.entity else key
-        return self.lock.locks.release_owner(entity, tag)
+    def _import_task_modules(self) -> None:
+        if not self._imported:
+            self.app.loader.import_default_modules()
+            self._imported = True
 
-    def execute(
-        self,
-        task: Task,
-        spec: AgentSpec,
-        behaviour: Behaviour,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        payload, key, problem = unpack(args, kwargs)
-        request = task.request
-        delivery = request.delivery_info or {}
-        ctx = RunContext(
-            spec=spec,
-            task_id=request.id or "",
-            worker=f"{request.hostname or 'local'}/{os.getpid()}",
-            raw_payload=payload if problem is None else {"args": args, "kwargs": kwargs},
-            explicit_key=key,
-            retries=request.retries or 0,
-            database_url=self.settings.database,
-            shape_error=problem,
-            queue=delivery.get("routing_key"),
-            delivery_tag=str(delivery.get("delivery_tag") or ""),
-        )
-        try:
-            return self.guard.run(ctx, behaviour)
-        except RetryRequested as again:
-            raise task.retry(countdown=again.countdown, max_retries=None, exc=again.exc) from None
+    def require_agent(self, name: str) -> AgentSpec:
+        """The spec of agent ``name``, or :class:`UnknownAgentError` naming the known ones."""
+        if name not in self.agents:
+            self._import_task_modules()
+        spec = self.agents.get(name)
+        if spec is None:
+            raise UnknownAgentError(self._unknown(name))
+        return spec
+
+    def require_task(self, name: str) -> None:
+        """Refuse a name that is neither an agent nor another task of the app."""
+        if name in self.agents or name in self.app.tasks:
+            return
+        self._import_task_modules()
+        if name not in self.agents and name not in self.app.tasks:
+            raise UnknownAgentError(self._unknown(name))
+
+    def _unknown(self, name: str) -> str:
+        known = ", ".join(sorted(self.agents)) or "none"
+        return f"unknown agent {name!r} for app {self.app.main!r}; known agents: {known}"
+
+
+def _agent_run(task: AgentTask, *args: Any, **kwargs: Any) -> Any:
+    """The body of every agent task: the guard around the agent's behaviour."""
+    return task.run_guarded(args, kwargs)
+
+
+__all__ = ["AgentSpec", "AgentTask", "Fleet", "RunContext", "UnknownAgentError", "shared_agent"]

@@ -1,27 +1,61 @@
-"""The Celery app of a fleet, configured for the guarantees fleetworks makes.
+"""A Celery app configured for the guarantees fleetworks makes.
 
-JSON only (pickle is never accepted), late acks, requeue when a worker
-process is lost, one message prefetched per process, no result backend (the
-results database is the record of every outcome).
+Two ways in. :func:`create_app` builds a new app for a deployment that is
+only a fleet (this repository's ``config``). :func:`init_app` takes a team's
+existing Celery app, applies the fleet's configuration to it and returns its
+:class:`~fleetworks.agent.Fleet`; a setting the team chose that would break
+a guarantee is refused with an error naming the setting, never silently
+overridden:
+
+- JSON only: a message that can run code when decoded (pickle, yaml) is
+  never accepted (``accept_content``, ``task_serializer``);
+- late acknowledgement and requeue when a pool process is lost
+  (``task_acks_late``, ``task_reject_on_worker_lost``): a message leaves
+  the broker only once its outcome is written;
+- a broker visibility timeout no shorter than the derived one
+  (:mod:`fleetworks.timing`), so a running task is not handed to a second
+  worker.
+
+Everything else the app already sets (its broker, queues, routes, other
+tasks) is the team's and is kept. :func:`load_app` finds an app from a
+``module[:attribute]`` reference the way ``celery -A`` does.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
+import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
+from celery.app.utils import find_app
 from celery.signals import before_task_publish, worker_process_init
 from kombu.entity import Queue
 
 from fleetworks import constants as c
-from fleetworks import db, redisconn
+from fleetworks import db, redisconn, timing
+from fleetworks.reaper import REAP_TASK, control_queue
+from fleetworks.reaper import schedule_entry as reaper_entry
 from fleetworks.request import GuardedTask
 from fleetworks.settings import Settings
 
+if TYPE_CHECKING:
+    from fleetworks.agent import Fleet
 
-def celery_config(settings: Settings, beat_schedule: dict[str, Any]) -> dict[str, Any]:
+#: Content types whose decoding can run code: never accepted by a fleet.
+UNSAFE_CONTENT = frozenset(
+    {"pickle", "application/x-python-serialize", "yaml", "application/x-yaml"}
+)
+
+
+class GuaranteeError(ValueError):
+    """The app's configuration would break a guarantee; the message names the setting."""
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery settings of a fleet app."""
     return {
         "broker_url": settings.broker,
         "task_serializer": "json",
@@ -35,7 +69,7 @@ def celery_config(settings: Settings, beat_schedule: dict[str, Any]) -> dict[str
         "task_ignore_result": True,
         "task_store_errors_even_if_ignored": False,
         "task_default_queue": settings.queue,
-        "task_queues": [Queue(settings.queue)],  # type: ignore[no-untyped-call]
+        "task_queues": [Queue(settings.queue), Queue(control_queue(settings.queue))],  # type: ignore[no-untyped-call]
         "task_create_missing_queues": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
@@ -47,12 +81,8 @@ def celery_config(settings: Settings, beat_schedule: dict[str, Any]) -> dict[str
         # The pool is sized by queue depth when the worker runs with
         # --autoscale (fleetworks.autoscale.worker).
         "worker_autoscaler": "fleetworks.autoscale.worker:QueueDepthAutoscaler",
-        "beat_schedule": beat_schedule,
         "beat_scheduler": "fleetworks.beat:FleetScheduler",
         "beat_max_loop_interval": c.BEAT_LOOP_S,
-        # The settings object itself, for code that gets only the app (the
-        # scheduler); a Celery conf key, so every process of the app has it.
-        "fleet_settings": settings,
         "timezone": "UTC",
         "enable_utc": True,
     }
@@ -60,14 +90,14 @@ def celery_config(settings: Settings, beat_schedule: dict[str, Any]) -> dict[str
 
 def visibility_timeout_s(settings: Settings) -> float:
     """How long the broker waits before handing an unacked message to another
-    worker: longer than any task may run plus its longest retry wait."""
-    return settings.max_time_limit_s + c.RETRY_BACKOFF_MAX_S + c.VISIBILITY_SLACK_S
+    worker (see :class:`fleetworks.timing.Timings`)."""
+    return timing.Timings.from_settings(settings).visibility_timeout_s
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
     return {
         "visibility_timeout": visibility_timeout_s(settings),
-        "unacked_restore_interval": c.UNACKED_RESTORE_INTERVAL_S,
+        "unacked_restore_interval": timing.UNACKED_RESTORE_INTERVAL_S,
         "unacked_restore_throttle": 1,
     }
 
@@ -85,10 +115,148 @@ def broker_tls(settings: Settings) -> dict[str, Any] | None:
     return tls
 
 
-def create_app(settings: Settings, beat_schedule: dict[str, Any]) -> Celery:
-    app = Celery("fleetworks", include=settings.modules, task_cls=GuardedTask)
-    app.conf.update(celery_config(settings, beat_schedule))
+def _set(app: Celery, key: str) -> bool:
+    """Whether the app's own configuration sets ``key``: the loaded settings are
+    a chain of maps whose last one is Celery's defaults."""
+    app.conf.get("broker_url")  # loads a pending configuration
+    return any(key in layer for layer in app._conf.maps[:-1])
+
+
+def _chosen(app: Celery, key: str) -> Any:
+    """The value the app's own configuration set for ``key``, or None if it left the default."""
+    return app.conf[key] if _set(app, key) else None
+
+
+def check_guarantees(app: Celery, settings: Settings) -> None:
+    """Raise :class:`GuaranteeError` for a setting of ``app`` that breaks a guarantee."""
+    accepted = _chosen(app, "accept_content") or []
+    unsafe = sorted(set(accepted) & UNSAFE_CONTENT)
+    if unsafe:
+        raise GuaranteeError(
+            f"accept_content accepts {', '.join(unsafe)}: a fleet accepts JSON only "
+            "(decoding such a message can run code in the worker)"
+        )
+    serializer = _chosen(app, "task_serializer")
+    if serializer not in (None, "json"):
+        raise GuaranteeError(f"task_serializer is {serializer!r}: a fleet's messages are JSON")
+    for key in ("task_acks_late", "task_reject_on_worker_lost"):
+        if _set(app, key) and not app.conf[key]:
+            raise GuaranteeError(
+                f"{key} is False: a fleet acknowledges a message only after its outcome "
+                "is written, and requeues it when a pool process is lost"
+            )
+    options = _chosen(app, "broker_transport_options") or {}
+    chosen = options.get("visibility_timeout")
+    needed = visibility_timeout_s(settings)
+    if chosen is not None and float(chosen) < needed:
+        raise GuaranteeError(
+            f"broker_transport_options['visibility_timeout'] is {chosen} s, shorter than the "
+            f"{needed:g} s derived from FLEET_MAX_TIME_LIMIT_S: the broker would hand a running "
+            "task to a second worker"
+        )
+
+
+def _merged(app: Celery, settings: Settings) -> dict[str, Any]:
+    """The fleet's configuration, keeping what the app already chose where it is compatible."""
+    config = celery_config(settings)
+    broker = _chosen(app, "broker_url")
+    if broker and settings.broker_url is None:
+        config.pop("broker_url")
+    for key in ("task_default_queue", "task_queues", "timezone", "enable_utc"):
+        if _set(app, key):
+            config.pop(key)
+    own_queues = _chosen(app, "task_queues")
+    if own_queues:
+        # The team's queues stay; the fleet's control queue joins them.
+        control = control_queue(settings.queue)
+        names = {q.name for q in own_queues}
+        config["task_queues"] = [*own_queues, *([] if control in names else [Queue(control)])]  # type: ignore[no-untyped-call]
+    options = dict(_chosen(app, "broker_transport_options") or {})
+    config["broker_transport_options"] = {**options, **config["broker_transport_options"]}
+    return config
+
+
+def init_app(
+    app: Celery,
+    settings: Settings | None = None,
+    *,
+    modules: list[str] | None = None,
+    beat_schedule: dict[str, Any] | None = None,
+    migrations: str | None = None,
+) -> Fleet:
+    """Make ``app`` a fleet app and return its :class:`~fleetworks.agent.Fleet`.
+
+    ``settings`` default to the ``FLEET_*`` environment; when the app already
+    names its broker and ``FLEET_BROKER_URL`` is unset, the app's broker is
+    kept (and is the lock store too, when it is Redis), and so is its default
+    queue unless ``FLEET_QUEUE`` is set. ``modules`` are task
+    modules the worker imports besides the app's own ``include``;
+    ``beat_schedule`` entries are added to the app's; ``migrations`` is the
+    folder of the deployment's own Alembic revisions (its tables), upgraded
+    with the runtime's by ``fleetworks db upgrade``.
+    """
+    from fleetworks.agent import Fleet
+
+    settings = settings or Settings()
+    broker = _chosen(app, "broker_url")
+    if broker and settings.broker_url is None:
+        settings = settings.model_copy(update={"broker_url": str(broker)})
+    queue = _chosen(app, "task_default_queue")
+    if queue and "queue" not in settings.model_fields_set:
+        # The app's own default queue is the one its fleet's workers consume.
+        settings = settings.model_copy(update={"queue": str(queue)})
+    check_guarantees(app, settings)
+    app.conf.update(_merged(app, settings))
+    extra = [*(modules or ()), *settings.modules]
+    if extra:
+        app.conf.include = list(dict.fromkeys([*(app.conf.include or ()), *extra]))
+    schedule = {**(app.conf.beat_schedule or {}), **(beat_schedule or {})}
+    if not any(entry.get("task") == REAP_TASK for entry in schedule.values()):
+        # Every fleet's beat runs the reaper (fleetworks.reaper).
+        schedule["fleet-reap-orphaned-claims"] = reaper_entry(settings.queue)
+    app.conf.beat_schedule = schedule
+    timing.Timings.from_settings(settings).check()
+    return Fleet(app, settings, migrations=migrations)
+
+
+def create_app(
+    settings: Settings | None = None,
+    beat_schedule: dict[str, Any] | None = None,
+    *,
+    name: str = "fleetworks",
+    modules: list[str] | None = None,
+    migrations: str | None = None,
+) -> Celery:
+    """A new Celery app made a fleet by :func:`init_app` (its fleet: :func:`fleet_of`)."""
+    app = Celery(name, task_cls=GuardedTask)
+    init_app(app, settings, modules=modules, beat_schedule=beat_schedule, migrations=migrations)
     return app
+
+
+def load_app(ref: str) -> Celery:
+    """The Celery app at ``module[:attribute]``, found the way ``celery -A`` finds it
+    (the working directory is on the import path, as for ``celery -A``)."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found = find_app(ref)
+    except (ImportError, AttributeError) as exc:
+        raise LookupError(f"cannot load the Celery app {ref!r}: {exc}") from exc
+    if not isinstance(found, Celery):
+        raise LookupError(f"{ref!r} is a {type(found).__name__}, not a Celery app")
+    return found
+
+
+def fleet_of(app: Celery) -> Fleet:
+    """The fleet bound to ``app`` by :func:`init_app`."""
+    from fleetworks.agent import Fleet
+
+    return Fleet.of(app)
+
+
+def settings_of(app: Celery) -> Settings:
+    """The fleet settings of ``app``."""
+    return fleet_of(app).settings
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]

@@ -41,11 +41,12 @@ from celery import Celery
 from celery.beat import ScheduleEntry, Scheduler
 
 from fleetworks import constants as c
-from fleetworks import ticks
+from fleetworks import message, ticks
+from fleetworks.agent import AgentTask
+from fleetworks.app import settings_of
 from fleetworks.leader import Leadership
 from fleetworks.locks import EntityLocks
 from fleetworks.redisconn import get_redis
-from fleetworks.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,6 @@ for i = 2, #ARGV, 2 do
 end
 return 1
 """
-
-
-def settings_of(app: Celery) -> Settings:
-    """The fleet settings the app was created with (see :func:`fleetworks.app.create_app`)."""
-    settings = app.conf.get("fleet_settings")
-    if not isinstance(settings, Settings):
-        raise RuntimeError("this Celery app was not created by fleetworks.app.create_app")
-    return settings
 
 
 def _ms(at: datetime) -> int:
@@ -188,10 +181,10 @@ class FleetScheduler(Scheduler):  # type: ignore[misc]
         options = {k: v for k, v in entry.options.items() if k != MISFIRE_OPTION}
         kwargs = dict(entry.kwargs)
         task = self.app.tasks.get(entry.task)
-        if getattr(task, "agent_spec", None) is not None:
+        if isinstance(task, AgentTask):
             payload = dict(kwargs.get("payload") or {})
             payload |= {"tick": tick_id, "slot": ticks.slot_text(slot), "entry": entry.name}
-            kwargs = {"payload": payload, "key": tick_id}
+            kwargs = message.pack(payload, tick_id)
         log.info("beat: sending %s (%s)", tick_id, entry.task)
         self.app.send_task(
             entry.task,

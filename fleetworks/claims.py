@@ -26,6 +26,7 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 
 from fleetworks import constants as c
 from fleetworks.db import upsert, upsert_for
+from fleetworks.message import encodable
 from fleetworks.models import GUARD_EVENTS, OUTCOMES, TERMINAL, EventKind, Status
 
 _outcomes = OUTCOMES
@@ -294,15 +295,6 @@ def storable(text: str, limit: int) -> str:
     if "\x00" in text or not encodable(text):
         text = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
     return text if len(text) <= limit else text[: limit - 15] + "... [truncated]"
-
-
-def encodable(text: str) -> bool:
-    """True when ``text`` encodes as UTF-8 (no unpaired surrogates)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _clip(text: str | None) -> str | None:

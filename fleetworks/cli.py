@@ -8,19 +8,46 @@ import signal
 import sys
 import time
 from dataclasses import asdict
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from pydantic import ValidationError
 
 from fleetworks.settings import Settings, get_settings, redact
 
+if TYPE_CHECKING:
+    from fleetworks.agent import Fleet
 
-def _settings() -> Settings:
+
+def _app_ref() -> str:
+    """The app reference: ``--app/-A``, else ``FLEET_APP``, else this repository's ``config``."""
+    ctx = click.get_current_context(silent=True)
+    ref = ctx.find_root().params.get("app_ref") if ctx is not None else None
+    if ref:
+        return str(ref)
     try:
-        return get_settings()
+        return get_settings().app
     except ValidationError as exc:
         raise click.ClickException(f"invalid FLEET_* settings: {exc}") from None
+
+
+def _fleet() -> Fleet:
+    """The fleet of the app the command runs on, loaded the way ``celery -A`` loads it."""
+    from fleetworks.app import fleet_of, load_app
+
+    ref = _app_ref()
+    try:
+        fleet = fleet_of(load_app(ref))
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid FLEET_* settings: {exc}") from None
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+    fleet.settings = fleet.settings.model_copy(update={"app": ref})
+    return fleet
+
+
+def _settings() -> Settings:
+    return _fleet().settings
 
 
 def _print_json(obj: Any) -> None:
@@ -30,12 +57,20 @@ def _print_json(obj: Any) -> None:
 def _migrate(settings: Settings) -> None:
     from fleetworks.migrate import upgrade
 
-    upgrade(settings.database)
+    upgrade(settings.database, _fleet().migrations)
 
 
 @click.group()
 @click.version_option(package_name="fleetworks")
-def main() -> None:
+@click.option(
+    "-A",
+    "--app",
+    "app_ref",
+    default=None,
+    metavar="MODULE[:ATTR]",
+    help="The Celery app, as `celery -A` takes it [default: FLEET_APP, else config].",
+)
+def main(app_ref: str | None) -> None:
     """Run fleets of agents on Celery, each effect once per idempotency key."""
 
 
@@ -74,11 +109,11 @@ def _handle_stop_signals() -> None:
 def up(no_flower: bool, no_beat: bool) -> None:
     """The whole fleet on this machine: broker, an autoscaled worker, beat, Flower
     and the metrics endpoint. Ctrl-C stops it."""
-    from config import app
     from fleetworks.metrics import serve
     from fleetworks.services import FleetProcesses, broker, echo
 
-    settings = _settings()
+    fleet_ = _fleet()
+    app, settings = fleet_.app, fleet_.settings
     _migrate(settings)
     _handle_stop_signals()
     with broker(settings) as url:
@@ -123,11 +158,11 @@ def up(no_flower: bool, no_beat: bool) -> None:
 @click.option("--port", type=int, default=None, help="[default: FLEET_METRICS_PORT]")
 def metrics(address: str | None, port: int | None) -> None:
     """Serve /metrics (Prometheus) and /scale (KEDA metrics-api) until stopped."""
-    from config import app
     from fleetworks.metrics import serve
     from fleetworks.services import echo
 
-    settings = _settings()
+    fleet_ = _fleet()
+    app, settings = fleet_.app, fleet_.settings
     _handle_stop_signals()
     server = serve(
         app, settings, address or settings.metrics_address, port or settings.metrics_port
@@ -152,7 +187,7 @@ def _exec_celery(command: str, *args: str) -> NoReturn:
     _migrate(settings)
     _handle_stop_signals()
     with broker(settings):
-        proc = subprocess.Popen(celery_argv(command, *args), env=fleet_env(settings))
+        proc = subprocess.Popen(celery_argv(settings.app, command, *args), env=fleet_env(settings))
         try:
             code = proc.wait()
         except (KeyboardInterrupt, _Stop):
@@ -205,14 +240,13 @@ def enqueue(agent: str, payload: str, key: str | None, as_json: bool) -> None:
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from None
     require_broker(settings)
-    from config import app, fleet
+    from fleetworks.agent import UnknownAgentError
     from fleetworks.enqueue import enqueue as send
 
-    app.loader.import_default_modules()
-    if agent not in fleet.agents:
-        known = ", ".join(sorted(fleet.agents)) or "none"
-        raise click.BadParameter(f"unknown agent {agent!r}; known: {known}", param_hint="AGENT")
-    task_id = send(app, agent, body, key=key)
+    try:
+        task_id = send(_fleet().app, agent, body, key=key)
+    except UnknownAgentError as exc:
+        raise click.BadParameter(str(exc), param_hint="AGENT") from None
     if as_json:
         _print_json({"task_id": task_id, "agent": agent, "key": key})
     else:
@@ -272,12 +306,10 @@ def replay(outcome_id: int, as_json: bool) -> None:
     from fleetworks.reaper import replay as replay_dead
     from fleetworks.services import require_broker
 
-    settings = _settings()
-    require_broker(settings)
-    from config import app
-
+    fleet_ = _fleet()
+    require_broker(fleet_.settings)
     try:
-        row = replay_dead(app, settings.database, outcome_id)
+        row = replay_dead(fleet_.app, fleet_.ledger, outcome_id)
     except (LookupError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="OUTCOME_ID") from None
     if as_json:
@@ -312,8 +344,8 @@ def demo(
 ) -> None:
     """A bounded end-to-end run of both agents; exit 0 only if nothing was
     lost or duplicated. ``--mentions 0`` or ``--products 0`` skips one."""
-    from fleetworks import demo as mentions_demo
-    from fleetworks import demo_pricing
+    from fleetworks.proving import demo as mentions_demo
+    from fleetworks.proving import demo_pricing
     from fleetworks.services import broker
 
     _handle_stop_signals()
@@ -324,14 +356,23 @@ def demo(
     with broker(settings):
         if mentions > 0:
             m = mentions_demo.run_demo(
-                settings, mentions=mentions, duplicate_rate=duplicate_rate, timeout_s=timeout_s
+                _fleet().app,
+                settings,
+                mentions=mentions,
+                duplicate_rate=duplicate_rate,
+                timeout_s=timeout_s,
             )
             out["mentions"] = asdict(m)
             text.append(mentions_demo.render(m))
         if products > 0:
             interval = interval_s or demo_pricing.default_interval_s(products)
             p = demo_pricing.run_pricing(
-                settings, products=products, interval_s=interval, cycles=cycles, timeout_s=timeout_s
+                _fleet().app,
+                settings,
+                products=products,
+                interval_s=interval,
+                cycles=cycles,
+                timeout_s=timeout_s,
             )
             out["pricing"] = demo_pricing.as_dict(p)
             text.append(demo_pricing.render(p))
@@ -371,8 +412,8 @@ def chaos(
     as_json: bool,
 ) -> None:
     """Run guarded tasks under real faults; exit 0 only if none was lost or duplicated."""
-    from fleetworks.chaos import render, run_chaos
     from fleetworks.embedded import EmbeddedRedis, ping
+    from fleetworks.proving.chaos import render, run_chaos
 
     _handle_stop_signals()
     settings = _settings()
@@ -387,7 +428,7 @@ def chaos(
             f"something already answers on {redact(settings.broker)}: chaos owns its broker; "
             "stop `fleetworks up` or set FLEET_EMBEDDED_REDIS_PORT"
         )
-    from fleetworks.faults import heal
+    from fleetworks.proving.faults import heal
 
     heal(settings.database)
     _migrate(settings)
@@ -398,6 +439,7 @@ def chaos(
         ).start()
     try:
         report = run_chaos(
+            _fleet().app,
             settings,
             redis,
             tasks=tasks,
@@ -430,14 +472,14 @@ def bench() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def bench_throughput(tasks: int, rounds: int, as_json: bool) -> None:
     """No-op tasks through plain Celery and through the guard; prints the ratio."""
-    from fleetworks.bench import render, run_throughput
+    from fleetworks.proving.bench import render, run_throughput
     from fleetworks.services import broker
 
     _handle_stop_signals()
     settings = _settings()
     _migrate(settings)
     with broker(settings):
-        result = run_throughput(settings, tasks=tasks, rounds=rounds)
+        result = run_throughput(_fleet().app, settings, tasks=tasks, rounds=rounds)
     if as_json:
         _print_json(result)
     else:
@@ -450,12 +492,12 @@ def bench_throughput(tasks: int, rounds: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def bench_fanout(tasks: int, rounds: int, as_json: bool) -> None:
     """Publishing a fan-out: pipelined batches against one round trip per message."""
-    from fleetworks.bench import run_fanout
+    from fleetworks.proving.bench import run_fanout
     from fleetworks.services import broker
 
     settings = _settings()
     with broker(settings):
-        result = run_fanout(settings, tasks=tasks, rounds=rounds)
+        result = run_fanout(_fleet().app, settings, tasks=tasks, rounds=rounds)
     if as_json:
         _print_json(result)
     else:
@@ -481,7 +523,7 @@ def bench_autoscale(
     tasks: int, work_ms: int, scale_down_s: float, timeout_s: float, as_json: bool
 ) -> None:
     """A step load on an autoscaled pool, and on fixed pools of its min and max size."""
-    from fleetworks.bench_autoscale import render, run_autoscale
+    from fleetworks.proving.bench_autoscale import render, run_autoscale
     from fleetworks.services import broker
 
     _handle_stop_signals()
@@ -489,13 +531,10 @@ def bench_autoscale(
     os.environ["FLEET_AUTOSCALE_SCALE_DOWN_AFTER_S"] = str(scale_down_s)
     _migrate(settings)
     with broker(settings):
-        result = run_autoscale(settings, tasks=tasks, work_ms=work_ms, timeout_s=timeout_s)
+        result = run_autoscale(
+            _fleet().app, settings, tasks=tasks, work_ms=work_ms, timeout_s=timeout_s
+        )
     if as_json:
         _print_json(result)
     else:
         click.echo(render(result))
-
-
-def run() -> None:  # pragma: no cover - console entry for `python -m`
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()

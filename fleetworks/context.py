@@ -1,21 +1,35 @@
-"""What one guarded run is: the agent's spec, the run's context, and the two
-control signals hooks use (:class:`Veto`, :class:`RetryRequested`).
-"""
+"""What an agent is (:class:`AgentSpec`) and what one of its runs sees (:class:`RunContext`)."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
+from celery import Celery
 from sqlalchemy import Connection
 
-from fleetworks import constants as c
 from fleetworks.db import get_engine
-from fleetworks.locks import Lease, lock_ttl_s
+from fleetworks.locks import Lease
+from fleetworks.timing import lock_ttl_s
 
-REJECTED = "rejected"
+#: Seconds: default hard time limit of an agent task. The lock TTL and the
+#: broker visibility timeout are derived from it, never set on their own.
+DEFAULT_TIME_LIMIT_S: Final = 30.0
+
+#: Count: default retries of a behaviour that raised, per agent.
+DEFAULT_MAX_RETRIES: Final = 3
+
+#: Count: default claims of one key before it is declared ``dead``.
+DEFAULT_MAX_DELIVERIES: Final = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a payload is: its idempotency key and the entity its lease is on."""
+
+    key: str
+    entity: str
 
 
 @dataclass(frozen=True)
@@ -30,76 +44,56 @@ class AgentSpec:
     entity: Callable[[Any], str] | None = None
     #: On lock contention: ``retry`` later with back-off, or ``skip`` and record.
     on_contention: str = "retry"
-    time_limit_s: float = c.DEFAULT_TIME_LIMIT_S
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S
     #: Retries of a behaviour that raised, with exponential back-off and jitter.
-    max_retries: int = c.DEFAULT_MAX_RETRIES
+    max_retries: int = DEFAULT_MAX_RETRIES
     #: Claims of one key (deliveries that reached the behaviour) before it is
     #: declared ``dead``: a message that kills its worker every time stops here.
-    max_deliveries: int = c.DEFAULT_MAX_DELIVERIES
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
 
     def __post_init__(self) -> None:
         if self.on_contention not in ("retry", "skip"):
             raise ValueError(f"on_contention must be 'retry' or 'skip', not {self.on_contention!r}")
         if self.max_deliveries < 1:
             raise ValueError("max_deliveries must be at least 1")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be at least 0")
+        if self.time_limit_s <= 0:
+            raise ValueError("time_limit_s must be positive")
 
     @property
     def lock_ttl_s(self) -> float:
         return lock_ttl_s(self.time_limit_s)
 
-
-class Veto(Exception):
-    """Raised by a hook to stop a run. ``retry_after`` asks for a retry."""
-
-    def __init__(self, kind: str, detail: str, retry_after: float | None = None) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind = kind
-        self.detail = detail
-        self.retry_after = retry_after
-
-
-class RetryRequested(Exception):
-    """The guard wants the task re-queued after ``countdown`` seconds."""
-
-    def __init__(self, countdown: float, reason: str, exc: BaseException | None = None) -> None:
-        super().__init__(reason)
-        self.countdown = countdown
-        self.exc = exc
-
-
-def backoff(attempt: int, base_s: float, cap_s: float) -> float:
-    """Exponential back-off with full jitter."""
-    return random.uniform(0, min(cap_s, base_s * (2 ** max(0, attempt))))
+    def identify(self, payload: Any, explicit_key: str | None = None) -> Identity:
+        """The key (``explicit_key`` when given) and entity of a parsed payload."""
+        key = explicit_key if explicit_key is not None else self.key(payload)
+        entity = self.entity(payload) if self.entity else key
+        return Identity(key, entity)
 
 
 @dataclass
 class RunContext:
-    """Everything one run knows; handed to the behaviour binding as ``ctx``."""
+    """What one claimed run knows; handed to the behaviour as ``ctx``."""
 
     spec: AgentSpec
     task_id: str
     worker: str
-    raw_payload: Any
-    explicit_key: str | None
-    retries: int
+    payload: Any
+    idempotency_key: str
+    entity_key: str
+    lease: Lease
+    #: Claims of this key so far, this one included.
+    attempts: int
     database_url: str
-    #: Set when the task's arguments do not have the agent-task shape.
-    shape_error: str | None = None
-    #: The queue the message came from (the reaper republishes there).
+    #: The queue the message came from.
     queue: str | None = None
-    #: The broker's tag of this delivery: the owner prefix of the lease.
-    delivery_tag: str = ""
-    payload: Any = None
-    idempotency_key: str = ""
-    entity_key: str = ""
-    lease: Lease | None = None
-    attempts: int = 0
+    #: The Celery app running this run: publish follow-up work with it.
+    app: Celery | None = None
     _conn: Connection | None = field(default=None, repr=False)
 
     @property
     def fencing_token(self) -> int:
-        if self.lease is None:
-            raise RuntimeError("no lease: fencing token asked for before the lock was taken")
         return self.lease.fencing_token
 
     def check_lease(self) -> None:
@@ -108,8 +102,7 @@ class RunContext:
         Call it before an effect outside the results database; effects through
         :attr:`db` are checked for you and fenced at commit.
         """
-        if self.lease is not None:
-            self.lease.check()
+        self.lease.check()
 
     @property
     def db(self) -> Connection:

@@ -10,6 +10,11 @@ One data directory, one server: the server writes its pid to
 pid (one that outlived a killed ``up``, on another port perhaps) refuses
 with its pid. Two servers rewriting one AOF would each lose what the other
 wrote.
+
+The server takes its whole configuration from its arguments and runs with a
+minimal environment: what is preloaded into the fleet's own processes (a
+profiler, a clock shim) never reaches it, the way it never reaches a Redis
+the fleet did not start.
 """
 
 from __future__ import annotations
@@ -125,6 +130,7 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             self.command(),
+            env={"PATH": os.environ.get("PATH", os.defpath), "LANG": "C"},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

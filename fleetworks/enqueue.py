@@ -22,20 +22,30 @@ from typing import Any
 from celery import Celery
 
 from fleetworks import constants as c
+from fleetworks import message
 
 
 def _options(queue: str | None) -> dict[str, Any]:
     return {"queue": queue} if queue else {}
 
 
+def _known(app: Celery, agent: str) -> None:
+    """Refuse a task name the app does not know, before anything is published:
+    a worker would drop the message with only a log line."""
+    from fleetworks.app import fleet_of
+
+    fleet_of(app).require_task(agent)
+
+
 def enqueue(
     app: Celery, agent: str, payload: Any, key: str | None = None, queue: str | None = None
 ) -> str:
-    """Send one task to ``agent``; returns the task id."""
-    kwargs: dict[str, Any] = {"payload": payload}
-    if key is not None:
-        kwargs["key"] = key
-    return str(app.send_task(agent, kwargs=kwargs, **_options(queue)).id)
+    """Send one task to ``agent``; returns the task id.
+
+    Raises :class:`~fleetworks.agent.UnknownAgentError` for a name the app does not know.
+    """
+    _known(app, agent)
+    return str(app.send_task(agent, kwargs=message.pack(payload, key), **_options(queue)).id)
 
 
 def enqueue_many(
@@ -49,13 +59,12 @@ def enqueue_many(
 
     ``key(payload)``, if given, is each task's explicit idempotency key.
     """
+    _known(app, agent)
     ids: list[str] = []
     options = _options(queue)
     with app.producer_or_acquire() as producer, producer.batch(c.PUBLISH_BATCH):
         for payload in payloads:
-            kwargs = (
-                {"payload": payload} if key is None else {"payload": payload, "key": key(payload)}
-            )
+            kwargs = message.pack(payload, None if key is None else key(payload))
             sent = app.send_task(agent, kwargs=kwargs, producer=producer, **options)
             ids.append(str(sent.id))
     return ids

@@ -1,49 +1,52 @@
-"""The guard: what runs around every agent behaviour.
+"""The guard: what runs around every agent behaviour, in five explicit stages.
 
-A run passes through small hook objects (:mod:`fleetworks.hooks`), called
-from one place, :meth:`Guard.run`, the way dramatiq's middleware is: each
-hook's ``before`` in order, then the behaviour, then each entered hook's
-``after`` in reverse. A hook stops a run by raising :class:`Veto`, the one
-known exception; the guard records the veto (a ``rejected`` outcome row or a
-guard event) and, when the veto asks for it, requests a retry.
+::
 
-How a run can end:
+    parse ─▶ lease ─▶ claim ─▶ behaviour ─▶ settle
 
-- succeeded: effects and outcome committed together;
-- vetoed: rejected, duplicate, dead, or locked (recorded; maybe retried);
-- stale: the lease was lost or the fencing token superseded; nothing it
-  wrote through ``ctx.db`` commits, a ``stale_write`` event is recorded, and
-  it is not retried (the newer holder owns the key);
-- failed: the behaviour raised; retried with back-off until ``max_retries``,
-  then ``dead``;
-- infrastructure unreachable (Redis or the database): retried with back-off,
-  not counted against the agent's retries.
+1. **parse**: the message's shape (:mod:`fleetworks.message`), text every
+   database stores, the agent's pydantic model, the idempotency key. Bad
+   input ends here as one ``rejected`` row naming the problem; never retried.
+2. **lease**: a Redis lease on the entity with a fencing token, renewed by
+   the process heartbeat while the run lasts. On contention a key already
+   done is a counted duplicate; otherwise the retry policy decides.
+3. **claim**: the key's row in the results database, one statement. A key
+   already done is skipped; a key claimed too often is ``dead``; a claim
+   that finds a higher token than Redis handed out (Redis lost its data)
+   raises the fence past it and re-queues.
+4. **behaviour**: the agent's code, with a :class:`~fleetworks.context.RunContext`.
+5. **settle**: on success the ``succeeded`` row commits in the same
+   transaction as the behaviour's effects, and only while the fencing token is
+   current; on failure the policy says ``failed`` (retried) or ``dead``; a
+   lost lease or superseded token is a ``stale_write`` event, never retried.
+
+While Redis or the database is unreachable the whole run waits in place and
+starts again (the policy bounds the wait, then re-queues). Every decision is
+:class:`fleetworks.retry.RetryPolicy`'s; every write is the
+:class:`fleetworks.ledger.Ledger`'s.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import redis
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from celery import Celery
+from pydantic import ValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
-from fleetworks import claims
 from fleetworks import constants as c
-from fleetworks.context import (
-    REJECTED,
-    AgentSpec,
-    RetryRequested,
-    RunContext,
-    Veto,
-    backoff,
-)
-from fleetworks.hooks import STALE, Hook
-from fleetworks.models import EventKind
-
-__all__ = ["AgentSpec", "Guard", "RetryRequested", "RunContext", "Veto"]
+from fleetworks import message
+from fleetworks.claims import ClaimVerdict, StaleWriteError
+from fleetworks.context import AgentSpec, Identity, RunContext
+from fleetworks.ledger import Ledger, RunId
+from fleetworks.locks import EntityLocks, Heartbeat, Lease, LeaseLostError
+from fleetworks.models import EventKind, Status
+from fleetworks.retry import Facts, GiveUp, Proceed, Retry, RetryPolicy, Situation, Wait
 
 log = logging.getLogger(__name__)
 
@@ -56,118 +59,250 @@ UNREACHABLE = (
     ConnectionError,
 )
 
+#: Errors that mean "this run no longer owns its key": never retried.
+STALE = (StaleWriteError, LeaseLostError)
+
+Behaviour = Callable[[RunContext, Any], Any]
+
+
+class RetryRequested(Exception):
+    """The guard wants the task re-queued after ``countdown`` seconds."""
+
+    def __init__(self, countdown: float, reason: str, exc: BaseException | None = None) -> None:
+        super().__init__(reason)
+        self.countdown = countdown
+        self.exc = exc
+
+
+class _Ended(Exception):
+    """A stage ended the run early; ``result`` is what the task returns."""
+
+    def __init__(self, status: str, detail: str) -> None:
+        super().__init__(f"{status}: {detail}")
+        self.result = {"status": str(status), "detail": detail}
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What the broker handed over: one message of one agent."""
+
+    task_id: str
+    worker: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    #: Times Celery re-queued this message (``request.retries``).
+    retries: int = 0
+    queue: str | None = None
+    #: The broker's tag of this delivery: the owner prefix of the lease.
+    delivery_tag: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    payload: Any
+    raw: dict[str, Any]
+    identity: Identity
+
 
 class Guard:
-    """Runs a behaviour through the hooks and records what happened."""
+    def __init__(
+        self,
+        ledger: Ledger,
+        locks: Callable[[], EntityLocks],
+        heartbeat: Heartbeat,
+        policy: RetryPolicy | None = None,
+        app: Celery | None = None,
+    ) -> None:
+        self.app = app
+        self.ledger = ledger
+        self.locks = locks
+        self.heartbeat = heartbeat
+        self.policy = policy or RetryPolicy()
 
-    def __init__(self, hooks: Sequence[Hook]) -> None:
-        self.hooks = list(hooks)
-
-    def run(self, ctx: RunContext, behaviour: Callable[[RunContext, Any], Any]) -> Any:
+    def run(self, spec: AgentSpec, behaviour: Behaviour, delivery: Delivery) -> Any:
         """Run once; while a service is unreachable, wait in place and run again."""
-        budget = min(c.UNREACHABLE_WAIT_S, ctx.spec.time_limit_s / 2)
-        deadline = time.monotonic() + budget
-        tries = 0
+        started, tries = time.monotonic(), 0
         while True:
             try:
-                return self._run(ctx, behaviour)
+                return self._once(spec, behaviour, delivery)
+            except _Ended as ended:
+                return ended.result
             except UNREACHABLE as exc:
-                wait = backoff(tries, c.CONTENTION_BACKOFF_BASE_S, c.UNREACHABLE_BACKOFF_MAX_S)
+                facts = Facts(
+                    Situation.UNREACHABLE, tries=tries, waited_s=time.monotonic() - started,
+                    error=exc,
+                )  # fmt: skip
+                decision = self.policy.decide(spec, facts)
+                if isinstance(decision, Retry):
+                    raise RetryRequested(decision.countdown, decision.reason) from exc
+                assert isinstance(decision, Wait)
+                log.warning("%s %s: service unreachable (%s); trying again in %.1fs",
+                            spec.name, delivery.task_id, exc, decision.seconds)  # fmt: skip
+                time.sleep(decision.seconds)
                 tries += 1
-                log.warning("%s %s: service unreachable (%s); retrying in %.1fs",
-                            ctx.spec.name, ctx.task_id, exc, wait)  # fmt: skip
-                if time.monotonic() + wait > deadline:
-                    raise RetryRequested(wait, f"unreachable: {exc}") from exc
-                time.sleep(wait)
-                ctx.attempts = 0
 
-    def _run(self, ctx: RunContext, behaviour: Callable[[RunContext, Any], Any]) -> Any:
-        entered: list[Hook] = []
+    def _once(self, spec: AgentSpec, behaviour: Behaviour, delivery: Delivery) -> Any:
+        parsed = self.parse(spec, delivery)
+        run = RunId(spec.name, parsed.identity.key, delivery.task_id, delivery.worker)
+        lease = self.lease(spec, delivery, parsed, run)
         try:
-            for hook in self.hooks:
-                hook.before(ctx)
-                entered.append(hook)
-        except Veto as veto:
-            self._unwind(ctx, entered, None, veto)
-            return self._vetoed(ctx, veto)
-        except BaseException as exc:
-            self._unwind(ctx, entered, None, exc)
-            raise
-        result: Any = None
-        error: BaseException | None = None
+            attempts = self.claim(spec, delivery, parsed, run, lease)
+            ctx = RunContext(
+                spec=spec, task_id=delivery.task_id, worker=delivery.worker,
+                payload=parsed.payload, idempotency_key=run.key,
+                entity_key=parsed.identity.entity, lease=lease, attempts=attempts,
+                database_url=self.ledger.database_url, queue=delivery.queue, app=self.app,
+            )  # fmt: skip
+            return self.settle(spec, ctx, run, behaviour)
+        finally:
+            self._release(lease)
+
+    # -- 1. parse --------------------------------------------------------------
+
+    def parse(self, spec: AgentSpec, delivery: Delivery) -> Parsed:
+        unpacked = message.unpack(delivery.args, delivery.kwargs)
+        if isinstance(unpacked, message.Problem):
+            raw = {"args": list(delivery.args), "kwargs": delivery.kwargs}
+            self._reject(spec, delivery, None, unpacked.reason, raw)
+        explicit, raw = unpacked.key, unpacked.payload
+        problem = _payload_problem(spec, raw)
+        if problem is not None:
+            self._reject(spec, delivery, explicit, problem, raw)
+        try:
+            payload = spec.payload.model_validate(raw)
+        except ValidationError as exc:
+            why = f"invalid payload for {spec.name}: {message.describe(exc)}"
+            self._reject(spec, delivery, explicit, why, raw)
+        identity = spec.identify(payload, explicit)
+        problem = _key_problem(identity.key)
+        if problem is not None:
+            self._reject(spec, delivery, explicit, problem, raw)
+        return Parsed(payload, raw, identity)
+
+    def _reject(
+        self, spec: AgentSpec, delivery: Delivery, key: str | None, why: str, raw: Any
+    ) -> NoReturn:
+        self.ledger.reject(RunId(spec.name, key or "", delivery.task_id, delivery.worker), why, raw)
+        raise _Ended(Status.REJECTED, why)
+
+    # -- 2. lease --------------------------------------------------------------
+
+    def lease(self, spec: AgentSpec, delivery: Delivery, parsed: Parsed, run: RunId) -> Lease:
+        entity = parsed.identity.entity
+        lease = self.locks().acquire(entity, spec.lock_ttl_s, delivery.delivery_tag)
+        if lease is not None:
+            self.heartbeat.watch(lease)
+            return lease
+        done = self.ledger.terminal_status(run.key)
+        if done is not None:
+            self._end(run, EventKind.SKIPPED_DUPLICATE, f"already {done}; lock busy")
+        decision = self.policy.decide(spec, Facts(Situation.CONTENDED, retries=delivery.retries))
+        if isinstance(decision, GiveUp):
+            self._end(run, EventKind.SKIPPED_LOCKED, f"entity {entity!r}: {decision.reason}")
+        assert isinstance(decision, Retry)
+        self.ledger.event(run, EventKind.LOCK_CONTENDED, f"entity {entity!r} is locked")
+        raise RetryRequested(decision.countdown, decision.reason)
+
+    def _release(self, lease: Lease) -> None:
+        self.heartbeat.unwatch(lease)
+        try:
+            self.locks().release(lease)
+        except redis.RedisError as exc:
+            # The outcome is already written; the lease expires by itself.
+            log.warning("could not release lease on %s (%s); it expires in %d ms",
+                        lease.entity, exc, lease.ttl_ms)  # fmt: skip
+
+    # -- 3. claim --------------------------------------------------------------
+
+    def claim(
+        self, spec: AgentSpec, delivery: Delivery, parsed: Parsed, run: RunId, lease: Lease
+    ) -> int:
+        got = self.ledger.claim(
+            run, entity=parsed.identity.entity, token=lease.fencing_token, payload=parsed.raw,
+            queue=delivery.queue,
+        )  # fmt: skip
+        if got.verdict is ClaimVerdict.DUPLICATE:
+            kind = (
+                EventKind.SKIPPED_DEAD if got.status == Status.DEAD else EventKind.SKIPPED_DUPLICATE
+            )
+            self._end(run, kind, f"key already {got.status}")
+        if got.verdict is ClaimVerdict.STALE:
+            # The fence counter is behind the ledger (Redis lost its data):
+            # move it past the stored token and run again with a fresh lease.
+            self.locks().raise_fence(parsed.identity.entity, got.stored_token or 0)
+            detail = "fence counter behind the ledger; re-acquiring"
+            self.ledger.event(run, EventKind.STALE_WRITE, detail)
+            raise RetryRequested(0.0, detail)
+        decision = self.policy.decide(spec, Facts(Situation.DELIVERED, attempts=got.attempts))
+        if isinstance(decision, GiveUp):
+            self.ledger.declare_dead(run, lease.fencing_token, decision.reason)
+            self._end(run, EventKind.SKIPPED_DEAD, f"declared dead after {got.attempts} deliveries")
+        assert isinstance(decision, Proceed)
+        return got.attempts
+
+    # -- 4 and 5. behaviour, settle ---------------------------------------------
+
+    def settle(self, spec: AgentSpec, ctx: RunContext, run: RunId, behaviour: Behaviour) -> Any:
         try:
             result = behaviour(ctx, ctx.payload)
+            ctx.check_lease()
+            self.ledger.settle(ctx.db, run, ctx.fencing_token, result)
         except BaseException as exc:
-            error = exc
+            ctx.close_db(commit=False)
+            self._settle_error(spec, ctx, run, exc)
+            raise
         try:
-            self._unwind(ctx, entered, result, error)
-        except STALE as stale:
-            error = stale
-        if error is None:
-            return result
-        if isinstance(error, STALE):
-            return self._stale(ctx, error)
-        if isinstance(error, UNREACHABLE):
-            raise error
-        raise self._failed(ctx, error) from error
+            ctx.close_db(commit=True)
+        except STALE as exc:
+            self._stale(run, exc)
+        return result
 
-    @staticmethod
-    def _unwind(
-        ctx: RunContext, entered: list[Hook], result: Any, error: BaseException | None
+    def _settle_error(
+        self, spec: AgentSpec, ctx: RunContext, run: RunId, exc: BaseException
     ) -> None:
-        first: BaseException | None = None
-        for hook in reversed(entered):
-            try:
-                hook.after(ctx, result, error)
-            except BaseException as exc:
-                first = first or exc
-        if first is not None:
-            raise first
+        """Record what a failed behaviour or settle means; raises what the task should raise."""
+        if isinstance(exc, STALE):
+            self._stale(run, exc)
+        if isinstance(exc, UNREACHABLE) or not isinstance(exc, Exception):
+            return  # waited out by run(), or a signal/exit that must propagate
+        facts = Facts(Situation.FAILED, attempts=ctx.attempts, error=exc)
+        decision = self.policy.decide(spec, facts)
+        dead = isinstance(decision, GiveUp)
+        try:
+            self.ledger.fail(run, ctx.fencing_token, exc, dead=dead)
+        except StaleWriteError as refused:
+            # A newer holder owns the key: this run's failure is only a late write.
+            self._stale(run, refused)
+        if isinstance(decision, Retry):
+            raise RetryRequested(decision.countdown, decision.reason, exc) from exc
 
-    @staticmethod
-    def _record(ctx: RunContext, kind: EventKind, detail: str) -> None:
-        from fleetworks.db import transaction
+    def _stale(self, run: RunId, exc: BaseException) -> NoReturn:
+        log.warning("%s %s: write refused, %s", run.agent, run.task_id, exc)
+        self._end(run, EventKind.STALE_WRITE, str(exc))
 
-        with transaction(ctx.database_url) as conn:
-            claims.record_event(
-                conn,
-                kind,
-                agent=ctx.spec.name,
-                idempotency_key=ctx.idempotency_key,
-                task_id=ctx.task_id,
-                worker=ctx.worker,
-                detail=detail,
-            )
+    def _end(self, run: RunId, kind: EventKind, detail: str) -> NoReturn:
+        self.ledger.event(run, kind, detail)
+        raise _Ended(kind, detail)
 
-    def _vetoed(self, ctx: RunContext, veto: Veto) -> dict[str, Any]:
-        if veto.kind == REJECTED:
-            from fleetworks.db import transaction
 
-            with transaction(ctx.database_url) as conn:
-                claims.reject(
-                    conn,
-                    agent=ctx.spec.name,
-                    entity_key=ctx.explicit_key or "",
-                    task_id=ctx.task_id,
-                    worker=ctx.worker,
-                    error=veto.detail,
-                    payload=ctx.raw_payload,
-                )
-        else:
-            self._record(ctx, EventKind(veto.kind), veto.detail)
-        if veto.retry_after is not None:
-            raise RetryRequested(veto.retry_after, veto.detail)
-        return {"status": veto.kind, "detail": veto.detail}
+def _payload_problem(spec: AgentSpec, raw: Any) -> str | None:
+    if not isinstance(raw, dict):
+        return f"payload must be a JSON object, got {type(raw).__name__}"
+    bad_text = message.unstorable_text(raw)
+    if bad_text is not None:
+        return (
+            f"invalid payload for {spec.name}: 1 problem(s): {bad_text}: "
+            "text must be valid Unicode without NUL characters"
+        )
+    return None
 
-    def _stale(self, ctx: RunContext, error: BaseException) -> dict[str, Any]:
-        log.warning("%s %s: write refused, %s", ctx.spec.name, ctx.task_id, error)
-        self._record(ctx, EventKind.STALE_WRITE, str(error))
-        return {"status": EventKind.STALE_WRITE, "detail": str(error)}
 
-    @staticmethod
-    def _failed(ctx: RunContext, exc: BaseException) -> BaseException:
-        """A retry request while the agent has retries left, else the error itself."""
-        if isinstance(exc, IntegrityError) or ctx.attempts > ctx.spec.max_retries:
-            return exc
-        wait = backoff(ctx.attempts, c.RETRY_BACKOFF_BASE_S, c.RETRY_BACKOFF_MAX_S)
-        return RetryRequested(wait, f"{type(exc).__name__}: {exc}", exc)
+def _key_problem(key: Any) -> str | None:
+    if not isinstance(key, str) or not key or len(key) > c.MAX_KEY_CHARS:
+        return f"idempotency key must be a non-empty string of <= {c.MAX_KEY_CHARS} chars"
+    if message.unstorable_text(key) is not None:
+        return "idempotency key must be valid Unicode without NUL characters"
+    return None
+
+
+__all__ = ["Behaviour", "Delivery", "Guard", "RetryRequested"]

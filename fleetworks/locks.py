@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import redis
 
 from fleetworks import constants as c
+from fleetworks import timing
+from fleetworks.timing import lock_ttl_s
 
 _ACQUIRE = """
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -63,12 +65,6 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-def lock_ttl_s(time_limit_s: float) -> float:
-    """The lease TTL for a task with hard time limit ``time_limit_s``: the time
-    limit plus slack, capped at ``LEASE_TTL_MAX_S`` (renewal covers the rest)."""
-    return min(time_limit_s + c.LOCK_TTL_SLACK_S, c.LEASE_TTL_MAX_S)
 
 
 log = logging.getLogger(__name__)
@@ -160,7 +156,7 @@ class Heartbeat:
     """
 
     def __init__(
-        self, locks: Callable[[], EntityLocks], interval_s: float = c.LEASE_RENEW_INTERVAL_S
+        self, locks: Callable[[], EntityLocks], interval_s: float = timing.LEASE_RENEW_INTERVAL_S
     ) -> None:
         self._locks = locks
         self._interval_s = interval_s
@@ -210,3 +206,6 @@ class Heartbeat:
         with self._mutex:
             if lease.token in self._leases:
                 self._leases[lease.token] = (lease, time.monotonic())
+
+
+__all__ = ["EntityLocks", "Heartbeat", "Lease", "LeaseLostError", "lock_ttl_s"]

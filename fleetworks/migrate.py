@@ -6,6 +6,7 @@ before starting anything, so a fresh ``.fleet/`` is always at head.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from alembic import command
@@ -17,17 +18,21 @@ from fleetworks.db import get_engine
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
-def _config(url: str) -> Config:
+def _config(url: str, extra: str | None = None) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
+    locations = [str(MIGRATIONS / "versions"), *([extra] if extra else [])]
+    cfg.set_main_option("path_separator", "os")
+    cfg.set_main_option("version_locations", os.pathsep.join(locations))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the database at ``url`` to ``revision``."""
+def upgrade(url: str, migrations: str | None = None, revision: str = "heads") -> None:
+    """Bring the database at ``url`` to ``revision``: the runtime's tables and,
+    with ``migrations`` (a deployment's folder of revisions), the deployment's."""
     with get_engine(url).begin() as conn:
-        cfg = _config(url)
+        cfg = _config(url, migrations)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
 

@@ -3,12 +3,13 @@
 ``outcomes`` is the claim ledger and the record of every run: one row per
 idempotency key. ``guard_events`` records what the guard did instead of
 running (duplicates skipped, lock contention, duplicate effects caught).
-``mentions`` and ``responses`` are the mentions agent's own state and effect;
-``probe_effects`` is the effect ledger of the probe agent used by benchmarks
-and fault tests. ``agent_state`` holds each entity's current state with its
-version, and ``agent_state_history`` every version ever written
-(:mod:`fleetworks.state`). Every effect table has a UNIQUE constraint on what must
-happen once, so a duplicate effect fails loudly instead of hiding.
+``probe_effects`` is the effect ledger of the probe agent the proving rigs
+send (:mod:`fleetworks.proving.probe`). An agent's own tables belong to its
+deployment, on the deployment's metadata and Alembic branch. ``agent_state``
+holds each entity's current state with its version, and
+``agent_state_history`` every version ever written (:mod:`fleetworks.state`).
+Every effect table has a UNIQUE constraint on what must happen once, so a
+duplicate effect fails loudly instead of hiding.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql import func
@@ -114,28 +114,6 @@ class GuardEvent(Base):
     )
 
 
-class Mention(Base):
-    __tablename__ = "mentions"
-
-    mention_id: Mapped[str] = mapped_column(String(100), primary_key=True)
-    brand: Mapped[str] = mapped_column(String(100))
-    author: Mapped[str] = mapped_column(String(100))
-    text: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(20))
-    fencing_token: Mapped[int] = mapped_column(BigInteger)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-
-class Response(Base):
-    __tablename__ = "responses"
-
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    mention_id: Mapped[str] = mapped_column(String(100), unique=True)
-    text: Mapped[str] = mapped_column(Text)
-    fencing_token: Mapped[int] = mapped_column(BigInteger)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-
 class ProbeEffect(Base):
     __tablename__ = "probe_effects"
 
@@ -149,8 +127,6 @@ class ProbeEffect(Base):
 #: Core ``Table`` handles, typed, for statements on hot paths.
 OUTCOMES = cast(Table, Outcome.__table__)
 GUARD_EVENTS = cast(Table, GuardEvent.__table__)
-MENTIONS = cast(Table, Mention.__table__)
-RESPONSES = cast(Table, Response.__table__)
 PROBE_EFFECTS = cast(Table, ProbeEffect.__table__)
 
 
@@ -193,31 +169,3 @@ class AgentStateHistory(Base):
 
 AGENT_STATE = cast(Table, AgentState.__table__)
 AGENT_STATE_HISTORY = cast(Table, AgentStateHistory.__table__)
-
-
-class PriceChange(Base):
-    """The pricing agent's effect: one decision per product per tick.
-
-    ``UNIQUE(product_id, tick)``: a second decision for the same product in
-    the same tick is a duplicated effect, refused by the database.
-    """
-
-    __tablename__ = "price_changes"
-
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    product_id: Mapped[str] = mapped_column(String(100))
-    tick: Mapped[str] = mapped_column(String(300))
-    old_cents: Mapped[int] = mapped_column(Integer)
-    new_cents: Mapped[int] = mapped_column(Integer)
-    #: The state version this decision wrote.
-    version: Mapped[int] = mapped_column(Integer)
-    fencing_token: Mapped[int] = mapped_column(BigInteger)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-    __table_args__ = (
-        UniqueConstraint("product_id", "tick", name="ux_price_changes_product_tick"),
-        Index("ix_price_changes_tick", "tick"),
-    )
-
-
-PRICE_CHANGES = cast(Table, PriceChange.__table__)

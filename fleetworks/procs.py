@@ -1,7 +1,8 @@
 """Child processes of the fleet: workers, beat and Flower, started and stopped.
 
-Every child runs ``python -m celery -A config ...`` with the fleet's settings
-passed as ``FLEET_*`` variables, in its own process group, so stopping it
+Every child runs ``python -m celery -A <app> ...`` (``FLEET_APP``, ``--app``)
+with the fleet's settings passed as ``FLEET_*`` variables, in its own process
+group, so stopping it
 (SIGTERM = Celery's warm shutdown, then SIGKILL after the grace period) never
 leaves a pool child behind.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from fleetworks import constants as c
+from fleetworks.reaper import control_queue
 from fleetworks.settings import Settings
 
 
@@ -29,14 +31,16 @@ def fleet_env(settings: Settings, **overrides: str) -> dict[str, str]:
     env["FLEET_BROKER_URL"] = settings.broker
     env["FLEET_DATABASE_URL"] = settings.database
     env["FLEET_HOME"] = str(settings.home.resolve())
+    env["FLEET_APP"] = settings.app
     if settings.redis_url:
         env["FLEET_REDIS_URL"] = settings.redis_url
     env.update(overrides)
     return env
 
 
-def celery_argv(command: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "config", command, *args]
+def celery_argv(app: str, command: str, *args: str) -> list[str]:
+    """``celery -A app command args`` with this interpreter."""
+    return [sys.executable, "-m", "celery", "-A", app, command, *args]
 
 
 def worker_args(
@@ -54,7 +58,7 @@ def worker_args(
         "-n", f"{name}@%h",
         *pool,
         "-P", settings.worker_pool,
-        "-Q", ",".join(queues or [settings.queue]),
+        "-Q", ",".join(queues or [settings.queue, control_queue(settings.queue)]),
         "--loglevel", settings.log_level,
         "--without-mingle",
         "--without-gossip",
@@ -64,7 +68,8 @@ def worker_args(
 def worker_argv(
     settings: Settings, name: str, *, queues: Sequence[str] = (), autoscale: bool = False
 ) -> list[str]:
-    return celery_argv("worker", *worker_args(settings, name, queues=queues, autoscale=autoscale))
+    args = worker_args(settings, name, queues=queues, autoscale=autoscale)
+    return celery_argv(settings.app, "worker", *args)
 
 
 @dataclass

@@ -73,7 +73,13 @@ class FleetProcesses:
         return self.add(
             name,
             celery_argv(
-                "beat", "-s", schedule, "--pidfile=", "--loglevel", self.settings.log_level
+                self.settings.app,
+                "beat",
+                "-s",
+                schedule,
+                "--pidfile=",
+                "--loglevel",
+                self.settings.log_level,
             ),
         )
 
@@ -82,7 +88,7 @@ class FleetProcesses:
         args = [f"--address={s.flower_address}", f"--port={s.flower_port}"]
         if s.flower_basic_auth is not None:
             args.append(f"--basic-auth={s.flower_basic_auth.get_secret_value()}")
-        return self.add("flower", celery_argv("flower", *args))
+        return self.add("flower", celery_argv(s.app, "flower", *args))
 
     def dead(self) -> list[Child]:
         return [c for c in self.children if not c.alive()]

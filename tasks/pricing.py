@@ -17,13 +17,10 @@ from pydantic import Field
 from sqlalchemy import insert
 
 from agents import pricing
-from config.celery import app, fleet
-from fleetworks import state
+from config.settings import pricing as settings
+from fleetworks import AgentSpec, RunContext, Tick, enqueue_many, shared_agent, state
 from fleetworks.claims import now
-from fleetworks.context import AgentSpec, RunContext
-from fleetworks.enqueue import enqueue_many
-from fleetworks.models import PRICE_CHANGES
-from fleetworks.ticks import Tick
+from tasks.schema import PRICE_CHANGES
 
 POLL = "pricing.poll"
 REPRICE = "pricing.reprice"
@@ -36,20 +33,19 @@ class PricingTick(Tick):
 
 
 def catalogue(size: int) -> pricing.Catalogue:
-    settings = fleet.settings
-    return pricing.Catalogue(settings.pricing_seed, size, settings.pricing_max_step)
+    return pricing.Catalogue(settings.seed, size, settings.max_step)
 
 
 def window_of(tick: Tick) -> int:
     """The market window a tick sees: its slot in pricing intervals since the epoch."""
-    return int(tick.slot.timestamp() // fleet.settings.pricing_interval_s)
+    return int(tick.slot.timestamp() // settings.interval_s)
 
 
 def reprice_key(product_id: str, tick: str) -> str:
     return f"{product_id}|{tick}"
 
 
-@fleet.agent(
+@shared_agent(
     AgentSpec(
         name=POLL,
         payload=PricingTick,
@@ -66,13 +62,14 @@ def poll(ctx: RunContext, tick: PricingTick) -> dict[str, Any]:
         {"product_id": pid, "tick": tick.tick, "window": window}
         for pid in catalogue(tick.products).ids()
     )
+    assert ctx.app is not None
     sent = enqueue_many(
-        app, REPRICE, payloads, key=lambda p: reprice_key(p["product_id"], tick.tick)
+        ctx.app, REPRICE, payloads, key=lambda p: reprice_key(p["product_id"], tick.tick)
     )
     return {"window": window, "enqueued": len(sent)}
 
 
-@fleet.agent(
+@shared_agent(
     AgentSpec(
         name=REPRICE,
         payload=pricing.Reprice,

@@ -87,34 +87,51 @@ def postgres_available() -> bool:
         return False
 
 
-def _require_postgres() -> None:
-    if postgres_available():
+def require(available: bool, reason: str) -> None:
+    """The one skip rule: a test whose service or tool is missing skips with
+    ``reason``, except under ``CI=true``, where it fails (CI runs where all
+    of them are, and a silent skip there would hide a regression)."""
+    if available:
         return
-    reason = f"PostgreSQL not reachable at {POSTGRES_URL} (set FLEET_TEST_POSTGRES_URL)"
     if IN_CI:
         pytest.fail(f"{reason}; CI=true requires it")
     pytest.skip(reason)
 
 
+def _require_postgres() -> None:
+    require(
+        postgres_available(),
+        f"PostgreSQL not reachable at {POSTGRES_URL} (set FLEET_TEST_POSTGRES_URL)",
+    )
+
+
+def all_tables() -> list[Any]:
+    """The runtime's tables and this deployment's."""
+    from fleetworks.models import Base
+    from tasks.schema import metadata
+
+    return [*Base.metadata.sorted_tables, *metadata.sorted_tables]
+
+
 def _fresh_database(url: str) -> str:
+    from config import fleet
     from fleetworks import db
     from fleetworks.migrate import upgrade
-    from fleetworks.models import Base
 
     engine = db.get_engine(url)
     with engine.begin() as conn:
-        Base.metadata.drop_all(conn)
+        for table in reversed(all_tables()):
+            table.drop(conn, checkfirst=True)
         conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-    upgrade(url)
+    upgrade(url, fleet.migrations)
     return url
 
 
 def truncate(url: str) -> None:
     from fleetworks import db
-    from fleetworks.models import Base
 
     with db.transaction(url) as conn:
-        for table in reversed(Base.metadata.sorted_tables):
+        for table in reversed(all_tables()):
             conn.execute(table.delete())
 
 
@@ -168,21 +185,25 @@ def start_worker(
     queue: str | None = None,
     ready_app: Any = None,
     autoscale: str | None = None,
+    control: bool = False,
     **env: str,
 ) -> Worker:
-    """A worker subprocess on ``queue`` (default: its own), ready to consume.
+    """A worker subprocess on ``queue`` (default: its own), ready to consume;
+    with ``control``, on its control queue too (where the reaper republishes).
 
     ``ready_app`` is the Celery app to ping it with when its broker is not the
     test broker; ``autoscale`` (``"MAX,MIN"``) replaces the fixed pool.
     """
     from config import app as test_app
     from fleetworks.procs import Child, celery_argv, wait_workers
+    from fleetworks.reaper import control_queue
 
     app = ready_app or test_app
     queue = queue or f"test-{name}"
     pool = ["--autoscale", autoscale] if autoscale else ["-c", str(concurrency)]
+    queues = ",".join([queue, *([control_queue(queue)] if control else [])])
     argv = celery_argv(
-        "worker", "-n", f"{name}@%h", "-Q", queue, *pool,
+        "config", "worker", "-n", f"{name}@%h", "-Q", queues, *pool,
         "--loglevel", "INFO", "--without-mingle", "--without-gossip",
     )  # fmt: skip
     child_env = dict(os.environ, FLEET_DATABASE_URL=database_url, FLEET_QUEUE=queue, **env)
@@ -215,3 +236,16 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = 
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def broker_idle(queue: str) -> bool:
+    """No message of ``queue`` waiting and none of it delivered but unacked.
+
+    Scoped to the queue: another test's killed worker may leave its own
+    messages in the broker's shared unacked hash until the visibility timeout.
+    """
+    import json
+
+    client = redis.Redis.from_url(BROKER_URL)
+    held = [json.loads(raw)[2] for raw in client.hvals("unacked")]
+    return bool(client.llen(queue) == 0 and queue not in held)

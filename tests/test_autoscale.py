@@ -21,7 +21,7 @@ from fleetworks.autoscale.depth import AmqpDepth, RedisDepth, probe_for
 from fleetworks.autoscale.policy import Policy, Scaler
 from fleetworks.db import transaction
 from fleetworks.models import GUARD_EVENTS, OUTCOMES
-from tests.conftest import BROKER_URL, IN_CI, LOCKS_URL, Worker, start_worker, wait_for
+from tests.conftest import BROKER_URL, LOCKS_URL, Worker, require, start_worker, wait_for
 
 RABBIT_URL = os.environ.get("FLEET_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
@@ -120,19 +120,21 @@ def test_redis_probe_honours_the_global_key_prefix() -> None:
 
 
 def _rabbit_reachable() -> bool:
+    """A TCP answer at the host and port of ``FLEET_TEST_AMQP_URL``."""
+    from urllib.parse import urlsplit
+
+    where = urlsplit(RABBIT_URL)
     try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
+        with socket.create_connection((where.hostname or "127.0.0.1", where.port or 5672), 2):
             return True
     except OSError:
         return False
 
 
 def test_rabbitmq_backlog_is_a_passive_declare() -> None:
-    if not _rabbit_reachable():
-        reason = f"RabbitMQ not reachable at {RABBIT_URL} (set FLEET_TEST_AMQP_URL)"
-        if IN_CI:
-            pytest.fail(f"{reason}; CI=true requires it")
-        pytest.skip(reason)
+    require(
+        _rabbit_reachable(), f"RabbitMQ not reachable at {RABBIT_URL} (set FLEET_TEST_AMQP_URL)"
+    )
     rabbit = Celery("rabbit", broker=RABBIT_URL)
     queue = f"depth-{uuid.uuid4().hex[:8]}"
     probe = probe_for(rabbit)

@@ -46,7 +46,7 @@ def tick_worker(sqlite_db: str, redis_client: redis.Redis, tmp_path: Path) -> It
 
 
 def start_beat(worker: Worker, log_dir: Path, name: str) -> Child:
-    argv = celery_argv("beat", "-s", str(log_dir / f"{name}.schedule"), "--pidfile=",
+    argv = celery_argv("config", "beat", "-s", str(log_dir / f"{name}.schedule"), "--pidfile=",
                        "--loglevel", "INFO")  # fmt: skip
     env = dict(
         os.environ,
@@ -54,6 +54,8 @@ def start_beat(worker: Worker, log_dir: Path, name: str) -> Child:
         FLEET_QUEUE=worker.queue,
         FLEET_MENTIONS_POLL_INTERVAL_S=str(PERIOD_S),
         FLEET_MENTIONS_PER_POLL="0",
+        # No pricing fan-out on the test's queue, whatever the time of day.
+        FLEET_PRICING_PRODUCTS="0",
     )
     return Child(name, argv, env, log_path=log_dir / f"{name}.log").start()
 
@@ -193,7 +195,6 @@ def test_a_stalled_leader_steps_down_and_its_late_ticks_do_not_run_twice(
 def test_a_tick_the_broker_refuses_is_sent_again_once_it_is_back(
     redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    from beat_schedule import schedule
     from fleetworks.app import create_app
     from fleetworks.beat import FleetScheduler
     from fleetworks.embedded import EmbeddedRedis, free_port
@@ -202,8 +203,9 @@ def test_a_tick_the_broker_refuses_is_sent_again_once_it_is_back(
 
     broker = EmbeddedRedis(tmp_path / "broker", port=free_port()).start()
     try:
-        settings = Settings(broker_url=broker.url, redis_url=LOCKS_URL, mentions_poll_interval_s=1)
-        app = create_app(settings, schedule(settings))
+        settings = Settings(broker_url=broker.url, redis_url=LOCKS_URL)
+        poller = {"task": "mentions.poll", "schedule": 1.0, "kwargs": {"payload": {"limit": 0}}}
+        app = create_app(settings, {"poll-mentions": poller})
         scheduler = FleetScheduler(app)
         slots_key = f"{c.BEAT_SLOTS_KEY}fleetworks:slots"
         assert scheduler.tick() > 0  # leads; the poller is seen for the first time

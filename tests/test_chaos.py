@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from fleetworks.faults import KINDS
+from fleetworks.proving.faults import KINDS
 from tests.conftest import POSTGRES_URL, _require_postgres
 from tests.test_cli import embedded_env, fleetworks
 
@@ -49,10 +49,18 @@ def assert_nothing_lost_or_doubled(report: dict[str, Any], tasks: int, per_kind:
     assert report["tasks_lost"] == 0
     assert report["tasks_settled"] == tasks
     assert report["effects_duplicated"] == 0
+    # No poison was sent: nothing may end dead, and every task took effect once.
+    assert report["dead"] == 0
     # The ledger, counted apart from the outcome rows, has one row per success.
-    assert report["effects"] == report["succeeded"] == tasks - report["dead"]
+    assert report["effects"] == report["succeeded"] == tasks
     assert report["faults"] == {kind: per_kind for kind in KINDS}
     assert report["worker_restarts"] >= per_kind
+    # Every fault hit work in flight, and that work recovered.
+    for fault in report["fault_log"]:
+        assert fault["in_flight"] > 0, fault
+        assert fault["recovery_s"] is not None, fault
+    # The holder paused past its lease was taken over, and its late write refused.
+    assert report["stale_writes_refused"] >= 1
 
 
 @pytest.mark.parametrize(

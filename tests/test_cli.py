@@ -21,9 +21,18 @@ from tests.conftest import wait_for
 FLEET_URL_VARS = ("FLEET_BROKER_URL", "FLEET_REDIS_URL", "FLEET_DATABASE_URL")
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def embedded_env(home: Path) -> dict[str, str]:
-    """The environment of a user who configured nothing: embedded Redis, SQLite."""
+    """The environment of a user who configured nothing: embedded Redis, SQLite.
+
+    The commands run in a temporary folder; the reference deployment (``config``)
+    is found through ``PYTHONPATH``, as it would be for any app outside the
+    working directory.
+    """
     env = {k: v for k, v in os.environ.items() if k not in FLEET_URL_VARS}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(
         FLEET_HOME=str(home),
         FLEET_EMBEDDED_REDIS_PORT=str(free_port()),
@@ -166,7 +175,7 @@ def test_bench_autoscale_grows_the_pool_and_loses_nothing(tmp_path: Path) -> Non
 
 def test_enqueue_refuses_bad_json_and_unknown_agent(tmp_path: Path) -> None:
     """Bad input to `enqueue` is a clear error naming the problem, exit code 2."""
-    env = dict(os.environ, FLEET_HOME=str(tmp_path / ".fleet"))
+    env = dict(os.environ, FLEET_HOME=str(tmp_path / ".fleet"), PYTHONPATH=str(REPO))
     bad_json = fleetworks(
         "enqueue", "mentions.respond", "--payload", "{nope", env=env, cwd=tmp_path
     )
@@ -183,7 +192,9 @@ def test_enqueue_then_outcomes_json(tmp_path: Path, sqlite_url: str) -> None:
 
     truncate(sqlite_url)
     worker = start_worker(sqlite_url, tmp_path, f"cli{os.getpid()}")
-    env = dict(os.environ, FLEET_DATABASE_URL=sqlite_url, FLEET_QUEUE=worker.queue)
+    env = dict(
+        os.environ, FLEET_DATABASE_URL=sqlite_url, FLEET_QUEUE=worker.queue, PYTHONPATH=str(REPO)
+    )
     try:
         sent = fleetworks(
             "enqueue", "probe.run", "--payload", '{"id": "cli-1"}', "--json", env=env, cwd=tmp_path
@@ -210,3 +221,42 @@ def test_flower_refuses_public_bind_without_auth(tmp_path: Path) -> None:
     done = fleetworks("outcomes", env=env, cwd=tmp_path)
     assert done.returncode != 0
     assert "FLEET_FLOWER_BASIC_AUTH" in done.stderr
+
+
+def test_dead_lists_dead_letters_and_replay_runs_one_again(tmp_path: Path, sqlite_url: str) -> None:
+    """`fleetworks dead --json` shows a dead key with its last error; `replay ID`
+    gives it a fresh delivery budget, records the replay and publishes it again."""
+    import redis
+    from sqlalchemy import select
+
+    from fleetworks.db import transaction
+    from fleetworks.ledger import Ledger, RunId
+    from fleetworks.models import GUARD_EVENTS, OUTCOMES
+    from tests.conftest import BROKER_URL, truncate
+
+    truncate(sqlite_url)
+    ledger = Ledger(sqlite_url)
+    run = RunId("probe.run", "probe:gone", "t-gone", "w")
+    ledger.claim(run, entity="probe:gone", token=3, payload={"id": "gone"}, queue="replay-q")
+    ledger.declare_dead(run, 3, "out of retries (3): ProbeFailure: boom")
+    env = dict(os.environ, FLEET_DATABASE_URL=sqlite_url, PYTHONPATH=str(REPO))
+    listed = fleetworks("dead", "--json", env=env, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)["dead"]
+    assert row["idempotency_key"] == "probe:gone" and "ProbeFailure: boom" in row["error"]
+    broker = redis.Redis.from_url(BROKER_URL)
+    broker.delete("replay-q")
+    replayed = fleetworks("replay", str(row["id"]), "--json", env=env, cwd=tmp_path)
+    assert replayed.returncode == 0, replayed.stderr
+    assert json.loads(replayed.stdout)["key"] == "probe:gone"
+    with transaction(sqlite_url) as conn:
+        status, attempts = conn.execute(
+            select(OUTCOMES.c.status, OUTCOMES.c.attempts).where(OUTCOMES.c.id == row["id"])
+        ).one()
+        kinds = conn.execute(select(GUARD_EVENTS.c.kind)).scalars().all()
+    assert (status, attempts) == ("failed", 0) and kinds == ["replayed"]
+    (message,) = broker.lrange("replay-q", 0, -1)
+    assert json.loads(message)["headers"]["id"] == "t-gone"
+    broker.delete("replay-q")
+    again = fleetworks("replay", str(row["id"]), env=env, cwd=tmp_path)
+    assert again.returncode == 2 and "not dead" in again.stderr

@@ -11,8 +11,10 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from fleetworks import constants as c
+from fleetworks import timing
+from fleetworks.reaper import control_queue
 from fleetworks.settings import Settings
+from tests.cli_parse import parse
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -22,7 +24,6 @@ SERVICES = ("redis", "postgres", "migrate", "worker", "beat", "flower", "metrics
 APP_SERVICES = ("migrate", "worker", "beat", "flower", "metrics")
 BACKING_SERVICES = ("redis", "postgres")
 REQUIRED_ENV = ("FLEET_BROKER_URL", "FLEET_REDIS_URL", "FLEET_DATABASE_URL")
-COMMAND_PREFIXES = ("celery -A config", "fleetworks")
 DEPENDS_CONDITIONS = frozenset(
     {"service_started", "service_healthy", "service_completed_successfully"}
 )
@@ -136,8 +137,16 @@ def test_backing_service_has_healthcheck(services: dict[str, dict[str, Any]], na
 
 @pytest.mark.parametrize("name", APP_SERVICES)
 def test_app_service_command(services: dict[str, dict[str, Any]], name: str) -> None:
-    """Every app service runs Celery on the ``config`` app or the ``fleetworks`` CLI."""
-    assert _command(services[name]).startswith(COMMAND_PREFIXES)
+    """Every app service runs Celery on the ``config`` app or the ``fleetworks`` CLI,
+    and its command line parses with that CLI's own parser, options and all."""
+    argv = shlex.split(_command(services[name]))
+    chain = parse(argv)
+    assert chain[0][0] == "fleetworks" or chain[0][1]["app"] == "config", argv
+    assert len(chain) > 1, f"{name}: no subcommand in {argv}"
+    if chain[-1][0] == "worker":
+        # The fleet's reaper travels on the control queue: every worker consumes it.
+        queue = _environment(services[name]).get("FLEET_QUEUE", "fleet")
+        assert chain[-1][1]["queues"] == [queue, control_queue(queue)], argv
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
@@ -186,7 +195,7 @@ def test_flower_is_local_and_authenticated(services: dict[str, dict[str, Any]]) 
 
 def test_worker_stop_grace_period(services: dict[str, dict[str, Any]]) -> None:
     """The worker's stop grace period covers the longest time limit and retry wait."""
-    needed = Settings().max_time_limit_s + c.RETRY_BACKOFF_MAX_S + c.VISIBILITY_SLACK_S
+    needed = Settings().max_time_limit_s + timing.RETRY_BACKOFF_MAX_S + timing.VISIBILITY_SLACK_S
     assert _parse_duration(services["worker"]["stop_grace_period"]) >= needed
 
 

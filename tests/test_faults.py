@@ -12,10 +12,13 @@ import redis
 from sqlalchemy import func, select
 
 from fleetworks import constants as c
+from fleetworks import context, timing
 from fleetworks.db import transaction
+from fleetworks.ledger import Ledger
 from fleetworks.locks import EntityLocks
 from fleetworks.models import GUARD_EVENTS, OUTCOMES, PROBE_EFFECTS, EventKind
 from fleetworks.reaper import reap, replay
+from fleetworks.timing import Timings
 from tests.conftest import Worker, start_worker, wait_for
 
 
@@ -67,7 +70,7 @@ def test_paused_holder_is_fenced_off_after_takeover(
     try:
         wait_for(
             lambda: not redis_client.exists(c.LOCK_KEY + "probe:paused"),
-            timeout_s=c.LEASE_TTL_MAX_S + 5,
+            timeout_s=timing.LEASE_TTL_MAX_S + 5,
             what="the paused holder's lease to expire",
         )
         # and worker B receives the same key (a redelivery, a re-poll)
@@ -110,16 +113,17 @@ def test_killed_worker_is_recovered_by_the_reaper_within_seconds(
         # When the whole of worker A dies at once
         killed_at = time.monotonic()
         os.killpg(a.child.pid, signal.SIGKILL)
-        b = start_worker(database_url, tmp_path, f"reap-b-{os.getpid()}", queue=queue)
+        b = start_worker(database_url, tmp_path, f"reap-b-{os.getpid()}", queue=queue, control=True)
         # Then the reaper (run here as beat would) republishes it once the lease is gone
         locks = EntityLocks(redis_client)
-        wait_for(lambda: reap(app, database_url, locks), timeout_s=20, what="the reaper")
+        ledger, timings = Ledger(database_url), Timings.derive(60.0)
+        wait_for(lambda: reap(app, ledger, locks, timings), timeout_s=20, what="the reaper")
         done = wait_for(
             lambda: status_is(database_url, "probe:orphan", "succeeded"),
             what="the republished task to succeed",
         )
         recovery_s = time.monotonic() - killed_at
-        assert recovery_s < c.LEASE_TTL_MAX_S + 4 + 10, recovery_s
+        assert recovery_s < timing.LEASE_TTL_MAX_S + 4 + 10, recovery_s
         assert done.attempts == 2 and done.fencing_token > first.fencing_token
         assert effects(database_url, "orphan") == [done.fencing_token]
         # And the broker's late redelivery of the original message is a duplicate.
@@ -144,7 +148,7 @@ def test_poison_message_goes_dead_after_max_deliveries(worker: Worker) -> None:
         timeout_s=90,
         what="the poison message to be declared dead",
     )
-    assert dead.attempts == c.DEFAULT_MAX_DELIVERIES + 1
+    assert dead.attempts == context.DEFAULT_MAX_DELIVERIES + 1
     assert "max_deliveries" in dead.error
     assert effects(worker.database_url, "poison") == []
 
@@ -160,10 +164,10 @@ def test_failures_retry_with_backoff_then_dead_then_replay(worker: Worker) -> No
         timeout_s=90,
         what="retries to run out",
     )
-    assert dead.attempts == c.DEFAULT_MAX_RETRIES + 1
+    assert dead.attempts == context.DEFAULT_MAX_RETRIES + 1
     assert "ProbeFailure" in dead.error and "failing attempt 4" in dead.error
     # When an operator replays it
-    replay(app, worker.database_url, dead.id)
+    replay(app, Ledger(worker.database_url), dead.id)
     # Then it runs again from a fresh budget (and, still failing, dies again)
     wait_for(lambda: event_count(worker.database_url, EventKind.REPLAYED, "probe:flaky") == 1)
     again = wait_for(
@@ -176,7 +180,7 @@ def test_failures_retry_with_backoff_then_dead_then_replay(worker: Worker) -> No
         timeout_s=90,
         what="the replayed run to finish",
     )
-    assert again.attempts == c.DEFAULT_MAX_RETRIES + 1
+    assert again.attempts == context.DEFAULT_MAX_RETRIES + 1
 
 
 def test_failure_then_success_is_one_effect(worker: Worker) -> None:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Any
 
-import redis
 from sqlalchemy import func, select
 
 from agents.mentions import MentionFeed
 from fleetworks.db import transaction
-from fleetworks.models import EventKind, GuardEvent, Outcome, ProbeEffect, Response
-from fleetworks.models import Mention as MentionRow
-from tests.conftest import Worker, wait_for
+from fleetworks.models import EventKind, GuardEvent, Outcome, ProbeEffect
+from tasks.schema import MENTIONS, RESPONSES
+from tests.conftest import Worker, broker_idle, wait_for
 
 _o = Outcome.__table__.c
 _e = GuardEvent.__table__.c
@@ -34,14 +34,6 @@ def events(url: str, kind: EventKind, key: str) -> int:
                 )
             ).scalar_one()
         )
-
-
-def broker_idle(queue: str) -> bool:
-    """No message of ``queue`` waiting and none delivered but unacked."""
-    from tests.conftest import BROKER_URL
-
-    client = redis.Redis.from_url(BROKER_URL)
-    return client.llen(queue) == 0 and client.hlen("unacked") == 0
 
 
 def test_same_mention_twenty_times_one_response(worker: Worker) -> None:
@@ -76,12 +68,10 @@ def test_same_mention_twenty_times_one_response(worker: Worker) -> None:
     assert row.attempts == 1
     with transaction(worker.database_url) as conn:
         responses = conn.execute(
-            select(func.count()).where(Response.__table__.c.mention_id == mention.mention_id)
+            select(func.count()).where(RESPONSES.c.mention_id == mention.mention_id)
         ).scalar_one()
         status = conn.execute(
-            select(MentionRow.__table__.c.status).where(
-                MentionRow.__table__.c.mention_id == mention.mention_id
-            )
+            select(MENTIONS.c.status).where(MENTIONS.c.mention_id == mention.mention_id)
         ).scalar_one()
     assert responses == 1
     assert status == "responded"
@@ -130,8 +120,18 @@ def test_killed_pool_child_is_redelivered_and_effect_happens_once(worker: Worker
     assert pid in worker.pool_pids()
     # When that child is killed mid-task
     os.kill(pid, signal.SIGKILL)
-    # Then the message is redelivered and, once the dead holder's lock expires,
-    # runs again with a higher fencing token; the effect exists exactly once.
+    killed_at = time.monotonic()
+    # Then the worker frees the dead child's lease at once: the redelivery claims
+    # the key again within 1.5 s (a lease left to expire would take 6 s), without
+    # ever finding the entity locked,
+    reclaimed = wait_for(
+        lambda: (r := outcome(worker.database_url, "probe:kill-me")) and r.attempts == 2 and r,
+        timeout_s=10,
+        what="the redelivery to claim the key again",
+    )
+    assert time.monotonic() - killed_at < 1.5
+    assert reclaimed.fencing_token > claimed.fencing_token
+    # and runs with the higher fencing token; the effect exists exactly once.
     done = wait_for(
         lambda: (
             (r := outcome(worker.database_url, "probe:kill-me")) and r.status == "succeeded" and r
@@ -148,3 +148,10 @@ def test_killed_pool_child_is_redelivered_and_effect_happens_once(worker: Worker
             )
         ).all()
     assert [e.fencing_token for e in effects] == [done.fencing_token]
+    with transaction(worker.database_url) as conn:
+        kinds = conn.execute(
+            select(GuardEvent.__table__.c.kind).where(
+                GuardEvent.__table__.c.idempotency_key == "probe:kill-me"
+            )
+        ).scalars()
+        assert list(kinds) == [], "the redelivery never found the entity locked"

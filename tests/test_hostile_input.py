@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from sqlalchemy import func, select
 
-from agents.probe import Probe
 from fleetworks.db import transaction
 from fleetworks.models import GUARD_EVENTS, OUTCOMES, PROBE_EFFECTS
-from tests.conftest import BROKER_URL, Worker, wait_for
+from fleetworks.proving.probe import Probe
+from tests.conftest import BROKER_URL, Worker, broker_idle, wait_for
 
 AGENT = "probe.run"
 FIELDS = ("id", "work_ms", "effect")
@@ -97,13 +97,6 @@ def settle(worker: Worker, task_ids: Sequence[str]) -> dict[str, list[Any]]:
         finished, timeout_s=SETTLE_S, what=f"{len(task_ids)} tasks to finish"
     )
     return result
-
-
-def broker_idle(queue: str) -> bool:
-    """No message of ``queue`` waiting and none delivered but unacked."""
-    client = redis.Redis.from_url(BROKER_URL)
-    waiting, unacked = client.pipeline().llen(queue).hlen("unacked").execute()
-    return bool(waiting == 0 and unacked == 0)
 
 
 def purge(queue: str) -> None:
@@ -388,37 +381,54 @@ def test_overlong_key_is_rejected(worker: Worker) -> None:
 # --- characters a database cannot store ----------------------------------------
 
 
-def assert_one_final_row_each(worker: Worker, cases: dict[str, str]) -> None:
-    """Each task in ``cases`` (label -> task id) left exactly one finished outcome row."""
-    found = settle(worker, list(cases.values()))
-    log = worker_log(worker)
-    missing = {
-        label: crash_line(log, task_id)
-        for label, task_id in cases.items()
-        if [r.status for r in found[task_id]] not in (["rejected"], ["succeeded"])
+def assert_rejected_each(worker: Worker, cases: dict[str, tuple[str, str]]) -> None:
+    """Each task in ``cases`` (label -> (task id, reason)) left one ``rejected``
+    row whose error names ``reason``, and the worker still serves."""
+    found = settle(worker, [task_id for task_id, _ in cases.values()])
+    wrong = {
+        label: [(r.status, r.error) for r in found[task_id]]
+        for label, (task_id, reason) in cases.items()
+        if [r.status for r in found[task_id]] != ["rejected"]
+        or reason not in found[task_id][0].error
     }
-    assert not missing, f"no outcome row for: {missing}"
+    assert not wrong, wrong
     assert_still_serving(worker)
 
 
-def test_nul_characters_leave_an_outcome_row(worker: Worker) -> None:
-    """NUL in a field name, an id or a key: still exactly one outcome row per task."""
-    cases = {
-        "NUL in an unknown field's name": worker.enqueue(AGENT, {"id": "n1", "a\x00b": 1}),
-        "NUL in a valid id": worker.enqueue(AGENT, {"id": "nul\x00id"}),
-        "NUL in the key, valid payload": worker.enqueue(AGENT, {"id": "n2"}, key="k\x00"),
-        "NUL in the key, invalid payload": worker.enqueue(AGENT, {"id": 5}, key="k\x00"),
-    }
-    assert_one_final_row_each(worker, cases)
+NUL_TEXT = "text must be valid Unicode without NUL characters"
+BAD_KEY = "idempotency key must be valid Unicode without NUL characters"
 
 
-def test_lone_surrogate_in_key_leaves_an_outcome_row(worker: Worker) -> None:
-    """A key that is not valid Unicode text is rejected, not lost."""
+def test_nul_characters_are_rejected_naming_the_problem(worker: Worker) -> None:
+    """NUL in a field name, an id or a key: one ``rejected`` row per task, with the reason."""
     cases = {
-        "valid payload": worker.enqueue(AGENT, {"id": "s1"}, key="k\ud800"),
-        "invalid payload": worker.enqueue(AGENT, {"id": 5}, key="k\ud800"),
+        "NUL in an unknown field's name": (
+            worker.enqueue(AGENT, {"id": "n1", "a\x00b": 1}),
+            "(a field name): " + NUL_TEXT,
+        ),
+        "NUL in a valid id": (worker.enqueue(AGENT, {"id": "nul\x00id"}), "id: " + NUL_TEXT),
+        "NUL in the key, valid payload": (
+            worker.enqueue(AGENT, {"id": "n2"}, key="k\x00"),
+            BAD_KEY,
+        ),
+        "NUL in the key, invalid payload": (
+            worker.enqueue(AGENT, {"id": 5}, key="k\x00"),
+            "id: Input should be a valid string",
+        ),
     }
-    assert_one_final_row_each(worker, cases)
+    assert_rejected_each(worker, cases)
+
+
+def test_a_lone_surrogate_in_the_key_is_rejected_naming_the_problem(worker: Worker) -> None:
+    """A key that is not valid Unicode text is rejected with the reason, not lost."""
+    cases = {
+        "valid payload": (worker.enqueue(AGENT, {"id": "s1"}, key="k\ud800"), BAD_KEY),
+        "invalid payload": (
+            worker.enqueue(AGENT, {"id": 5}, key="k\ud800"),
+            "id: Input should be a valid string",
+        ),
+    }
+    assert_rejected_each(worker, cases)
 
 
 def test_payload_nested_600_deep_is_rejected_and_the_worker_survives(worker: Worker) -> None:
@@ -550,6 +560,18 @@ def test_raw_broker_message_is_dropped_and_the_worker_keeps_serving(
         assert outcome(worker.database_url, f"probe:{probe_id}") is None
         assert probe_id not in effect_keys(worker.database_url)
         assert not tripwire.exists(), "the pickle body was deserialized"
+        if case == "no id":
+            # A message without an id is recorded as one rejected row (under the
+            # id the worker gave it), naming the problem.
+            with transaction(worker.database_url) as conn:
+                rejected = conn.execute(
+                    select(OUTCOMES.c.status, OUTCOMES.c.error).where(
+                        OUTCOMES.c.idempotency_key.like("rejected:missing-id-%")
+                    )
+                ).all()
+            assert [(r.status, "message has no 'id' header" in r.error) for r in rejected] == [
+                ("rejected", True)
+            ]
     finally:
         # A message the worker cannot get rid of must not outlive this test.
         worker.child.stop(5)

@@ -12,9 +12,10 @@ import click
 import pytest
 import yaml
 
-from fleetworks import constants as c
-from fleetworks.cli import main
+from fleetworks import timing
+from fleetworks.reaper import control_queue
 from fleetworks.settings import Settings
+from tests.cli_parse import parse
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S_DIR = ROOT / "deploy" / "k8s"
@@ -244,25 +245,21 @@ def test_container_programs(resources: list[dict[str, Any]]) -> None:
                 assert argv[0] == "fleetworks", f"{label} runs {argv[0]}"
 
 
-def test_fleetworks_subcommands_exist(resources: list[dict[str, Any]]) -> None:
-    """Every ``fleetworks X`` a container runs is a command of the CLI."""
-    missing: list[str] = []
+def test_every_container_command_parses_with_its_cli(resources: list[dict[str, Any]]) -> None:
+    """Every ``fleetworks ...`` or ``celery -A config ...`` a container runs goes
+    through that CLI's own parser: commands, options and values all exist."""
+    wrong: list[str] = []
     for workload in _workloads(resources):
         for container in _containers(workload):
             argv = _argv(container)
-            if argv[0] != "fleetworks":
+            try:
+                chain = parse(argv)
+            except click.ClickException as exc:
+                wrong.append(f"{workload['metadata']['name']}: {' '.join(argv)}: {exc}")
                 continue
-            command: click.Command = main
-            words = [word for word in argv[1:] if not word.startswith("-")]
-            assert words, f"{workload['metadata']['name']}: bare `fleetworks`"
-            for word in words:
-                if not isinstance(command, click.Group):
-                    break
-                if word not in command.commands:
-                    missing.append(f"{workload['metadata']['name']}: {' '.join(argv)}")
-                    break
-                command = command.commands[word]
-    assert not missing, f"not fleetworks commands: {missing}"
+            if len(chain) < 2:
+                wrong.append(f"{workload['metadata']['name']}: no subcommand in {argv}")
+    assert not wrong, wrong
 
 
 def test_worker_grace_period_covers_longest_task(
@@ -270,7 +267,7 @@ def test_worker_grace_period_covers_longest_task(
 ) -> None:
     """The worker's grace period covers the longest task, the retry back-off and the slack."""
     time_limit = max(Settings().max_time_limit_s, float(config["FLEET_MAX_TIME_LIMIT_S"]))
-    needed = time_limit + c.RETRY_BACKOFF_MAX_S + c.VISIBILITY_SLACK_S
+    needed = time_limit + timing.RETRY_BACKOFF_MAX_S + timing.VISIBILITY_SLACK_S
     grace = _pod_spec(_find(resources, "Deployment", WORKER))["terminationGracePeriodSeconds"]
     assert grace >= needed, f"terminationGracePeriodSeconds {grace} < {needed}"
 
@@ -286,7 +283,8 @@ def test_worker_command_matches_config(
     """The worker consumes FLEET_QUEUE with FLEET_WORKER_CONCURRENCY processes."""
     argv = _argv(_only_container(resources, WORKER))
     assert argv[3] == "worker", argv
-    assert _option(argv, "-Q", "--queues") == config["FLEET_QUEUE"]
+    queue = config["FLEET_QUEUE"]
+    assert _option(argv, "-Q", "--queues") == f"{queue},{control_queue(queue)}"
     assert _option(argv, "-c", "--concurrency") == config["FLEET_WORKER_CONCURRENCY"]
 
 

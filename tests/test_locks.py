@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from fleetworks import constants as c
+from fleetworks import context, timing
 from fleetworks.locks import EntityLocks, Lease, lock_ttl_s
 
 #: TTL of locks that must expire during a test: short, but long enough to act on first.
@@ -231,13 +232,13 @@ def test_raise_fence_does_not_touch_the_lock(locks: EntityLocks) -> None:
     assert locks.current_fence("order:1") == 100
 
 
-@pytest.mark.parametrize("time_limit_s", [0.0, 0.5, 1.0, c.DEFAULT_TIME_LIMIT_S, 3600.0])
+@pytest.mark.parametrize("time_limit_s", [0.0, 0.5, 1.0, context.DEFAULT_TIME_LIMIT_S, 3600.0])
 def test_lock_ttl_is_time_limit_plus_slack_capped_at_the_lease(time_limit_s: float) -> None:
     """The lease covers a short task's time limit plus slack, and never exceeds the
     lease cap: renewal, not the TTL, keeps a long task's lock."""
-    expected = min(time_limit_s + c.LOCK_TTL_SLACK_S, c.LEASE_TTL_MAX_S)
+    expected = min(time_limit_s + timing.LOCK_TTL_SLACK_S, timing.LEASE_TTL_MAX_S)
     assert lock_ttl_s(time_limit_s) == expected
-    assert lock_ttl_s(time_limit_s) <= c.LEASE_TTL_MAX_S
+    assert lock_ttl_s(time_limit_s) <= timing.LEASE_TTL_MAX_S
 
 
 def test_concurrent_acquires_grant_exactly_one_lease(redis_client: redis.Redis) -> None:

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from agents import probe
 from agents.mentions import Decision, Mention, MentionFeed, decide, handle
+from fleetworks.proving import probe
 
 #: A mention that every rule of ``decide`` ignores; tests override one field at a time.
 NEUTRAL: dict[str, Any] = {

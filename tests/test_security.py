@@ -8,7 +8,6 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 
 from fleetworks.app import create_app
@@ -17,8 +16,15 @@ from fleetworks.embedded import free_port, ping
 from fleetworks.enqueue import enqueue
 from fleetworks.models import OUTCOMES
 from fleetworks.settings import Settings, redact
-from tests.conftest import POSTGRES_URL, postgres_available, start_worker, truncate, wait_for
-from tests.test_cli import fleetworks
+from tests.conftest import (
+    POSTGRES_URL,
+    _require_postgres,
+    require,
+    start_worker,
+    truncate,
+    wait_for,
+)
+from tests.test_cli import REPO, fleetworks
 
 SECRET = "s3cr3t-Pw-91"
 
@@ -55,7 +61,7 @@ def run_probe_through(broker: str, sqlite_url: str, tmp_path: Path, name: str, *
     """Start a worker on ``broker``, run one probe through it; returns the worker's log."""
     truncate(sqlite_url)
     settings = Settings(broker_url=broker, **{k[6:].lower(): v for k, v in env.items()})
-    app = create_app(settings, {})
+    app = create_app(settings, {}, modules=["fleetworks.proving.probe"])
     worker = start_worker(
         sqlite_url, tmp_path, name, FLEET_BROKER_URL=broker, FLEET_REDIS_URL=broker,
         ready_app=app, **env,
@@ -103,8 +109,7 @@ def make_tls_files(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 def test_tls_redis_verified_against_the_configured_ca(tmp_path: Path, sqlite_url: str) -> None:
     """rediss:// with FLEET_REDIS_TLS_CA_FILE: broker and locks both go over TLS."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make test certificates")
+    require(shutil.which("openssl") is not None, "the openssl command makes the test certificates")
     ca, cert, key = make_tls_files(tmp_path)
     port = free_port()
     server = redis_server(
@@ -138,10 +143,9 @@ def test_redact_hides_passwords_only() -> None:
 
 def test_cli_never_prints_the_database_password(tmp_path: Path) -> None:
     """`fleetworks db upgrade` names the database without its password."""
-    if not postgres_available():
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}")
+    _require_postgres()
     with_password = POSTGRES_URL.replace("postgres@", f"postgres:{SECRET}@")
-    env = dict(os.environ, FLEET_DATABASE_URL=with_password)
+    env = dict(os.environ, FLEET_DATABASE_URL=with_password, PYTHONPATH=str(REPO))
     done = fleetworks("db", "upgrade", env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "postgres:***@" in done.stdout

@@ -33,6 +33,7 @@ from celery import Celery
 from kombu.exceptions import ChannelError
 
 from fleetworks import constants as c
+from fleetworks import kombu_redis
 
 #: Seconds an HTTP call to the RabbitMQ management API may take.
 _MANAGEMENT_TIMEOUT_S = 2.0
@@ -113,15 +114,13 @@ class RedisDepth(_Connected):
 
     @staticmethod
     def _sample(ch: Any, queues: Sequence[str]) -> dict[str, QueueDepth]:
-        lists = {
-            q: list(dict.fromkeys(ch._q_for_pri(q, p) for p in ch.priority_steps)) for q in queues
-        }
+        lists = {q: kombu_redis.priority_lists(ch, q) for q in queues}
         with ch.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
             for q in queues:
                 for name in lists[q]:
                     pipe.llen(name)
                     pipe.lindex(name, -1)
-            pipe.hvals(ch.unacked_key)
+            pipe.hvals(kombu_redis.unacked_key(ch))
             replies = pipe.execute()
         running = _routing_keys(replies[-1])
         now, at, out = time.time(), 0, {}

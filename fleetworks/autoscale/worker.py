@@ -28,9 +28,9 @@ from typing import Any
 from celery.worker.autoscale import Autoscaler
 
 from fleetworks import constants as c
+from fleetworks.app import settings_of
 from fleetworks.autoscale.depth import DepthProbe, probe_for
 from fleetworks.autoscale.policy import Policy, Scaler
-from fleetworks.beat import settings_of
 from fleetworks.redisconn import get_redis
 
 log = logging.getLogger(__name__)

@@ -26,11 +26,13 @@ import uuid
 from typing import Any
 
 import redis
+from celery import Celery
 from sqlalchemy import event
 
 from fleetworks.db import get_engine
 from fleetworks.enqueue import enqueue_many
 from fleetworks.procs import Child, celery_argv, fleet_env, wait_workers
+from fleetworks.proving import probe
 from fleetworks.settings import Settings
 
 PLAIN, GUARDED = "probe.plain", "probe.run"
@@ -60,13 +62,16 @@ def _commandstats(client: redis.Redis) -> int:
     return sum(int(v["calls"]) for v in stats.values())
 
 
-def profile_guard(settings: Settings, n: int = 200) -> dict[str, float]:
+def profile_guard(app: Celery, settings: Settings, n: int = 200) -> dict[str, float]:
     """Redis commands and SQL statements per guarded run, measured in-process."""
-    from config import app, fleet
-    from fleetworks.context import RunContext
+    from fleetworks.agent import AgentTask
+    from fleetworks.app import fleet_of
+    from fleetworks.guard import Delivery
 
-    app.loader.import_default_modules()
-    spec, behaviour = fleet.agents[GUARDED], fleet.behaviours[GUARDED]
+    fleet = fleet_of(app)
+    spec = fleet.require_agent(GUARDED)
+    task = app.tasks[GUARDED]
+    assert isinstance(task, AgentTask)
 
     statements = 0
 
@@ -81,16 +86,13 @@ def profile_guard(settings: Settings, n: int = 200) -> dict[str, float]:
     try:
         before, started = _commandstats(client), time.perf_counter()
         for i in range(n):
-            ctx = RunContext(
-                spec=spec,
+            delivery = Delivery(
                 task_id=f"profile-{tag}-{i}",
                 worker="bench-profile",
-                raw_payload={"id": f"profile-{tag}-{i}", "effect": False},
-                explicit_key=None,
-                retries=0,
-                database_url=settings.database,
+                args=(),
+                kwargs={"payload": {"id": f"profile-{tag}-{i}", "effect": False}},
             )
-            fleet.guard.run(ctx, behaviour)
+            fleet.guard.run(spec, type(task).behaviour, delivery)
         elapsed = time.perf_counter() - started
         # One INFO call of ours falls inside the window.
         redis_cmds = _commandstats(client) - before - 1
@@ -103,17 +105,20 @@ def profile_guard(settings: Settings, n: int = 200) -> dict[str, float]:
     }
 
 
-def run_throughput(settings: Settings, *, tasks: int, rounds: int) -> dict[str, Any]:
-    from config import app
-
+def run_throughput(app: Celery, settings: Settings, *, tasks: int, rounds: int) -> dict[str, Any]:
     client = redis.Redis.from_url(settings.broker)
     name = f"bench-{uuid.uuid4().hex[:6]}"
     argv = celery_argv(
-        "worker", "-n", f"{name}@%h", "-Q", IDLE_QUEUE,
+        settings.app, "worker", "-n", f"{name}@%h", "-Q", IDLE_QUEUE,
         "-c", str(settings.worker_concurrency), "-P", settings.worker_pool,
         "--loglevel", "WARNING", "--without-mingle", "--without-gossip",
     )  # fmt: skip
-    child = Child(name, argv, fleet_env(settings), settings.home / "logs" / "bench.log").start()
+    child = Child(
+        name,
+        argv,
+        fleet_env(settings, FLEET_TASK_MODULES=probe.task_modules(settings)),
+        settings.home / "logs" / "bench.log",
+    ).start()
     plain: list[float] = []
     guarded: list[float] = []
     try:
@@ -140,7 +145,7 @@ def run_throughput(settings: Settings, *, tasks: int, rounds: int) -> dict[str, 
         "ratio": round(guarded_tps / plain_tps, 3),
         "rounds_plain_tps": [round(x, 1) for x in plain],
         "rounds_guarded_tps": [round(x, 1) for x in guarded],
-        "where_time_goes": profile_guard(settings),
+        "where_time_goes": profile_guard(app, settings),
     }
 
 
@@ -162,10 +167,9 @@ def _publish_rate(app: Any, client: redis.Redis, n: int, *, batched: bool) -> fl
     return n / elapsed
 
 
-def run_fanout(settings: Settings, *, tasks: int, rounds: int) -> dict[str, Any]:
+def run_fanout(app: Celery, settings: Settings, *, tasks: int, rounds: int) -> dict[str, Any]:
     """Pipelined publishing (``enqueue_many``) against one publish per message,
     both through Celery's ``send_task`` on one producer, alternating."""
-    from config import app
 
     client = redis.Redis.from_url(settings.broker)
     single: list[float] = []

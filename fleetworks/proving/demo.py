@@ -7,6 +7,11 @@ duplicates race each other onto the two pool processes. It waits until every
 task it sent has settled in the results database, then counts, from the
 durable record only: tasks settled and lost, effects (mentions answered or
 ignored, response rows), effects duplicated, duplicates skipped, rejections.
+
+The demo runs this repository's seed agents (the reference deployment at the
+repository root: ``agents.mentions``, ``tasks.mentions``): it needs their feed
+to know what to expect, so it imports them when it runs, and refuses an app
+that does not have them.
 """
 
 from __future__ import annotations
@@ -17,12 +22,12 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from celery import Celery
 from sqlalchemy import func, select
 
-from agents.mentions import MentionFeed
 from fleetworks import reports
 from fleetworks.db import transaction
-from fleetworks.models import MENTIONS, RESPONSES, EventKind
+from fleetworks.models import EventKind
 from fleetworks.procs import wait_workers
 from fleetworks.services import FleetProcesses, echo
 from fleetworks.settings import Settings
@@ -62,7 +67,16 @@ class DemoReport:
     ok: bool
 
 
+def mentions_seed() -> int:
+    """The seed the deployment's mentions feed uses (``FLEET_MENTIONS_SEED``)."""
+    from config.settings import MentionsSettings
+
+    return MentionsSettings().seed
+
+
 def build_deliveries(seed: int, mentions: int, duplicate_rate: float, run: str) -> list[Any]:
+    from agents.mentions import MentionFeed
+
     feed = MentionFeed(seed)
     payloads: list[Any] = [m.model_dump() for m in feed.stream(mentions, duplicate_rate, run)]
     step = max(1, len(payloads) // (len(INVALID_PAYLOADS) + 1))
@@ -103,6 +117,8 @@ def wait_settled(url: str, task_ids: list[str], timeout_s: float) -> dict[str, s
 def count_effects(url: str, run: str) -> tuple[int, int, int, int]:
     """(mentions settled, responses, ignored, response rows beyond one per mention)."""
     like = f"{run}-%"
+    from tasks.schema import MENTIONS, RESPONSES
+
     m, r = MENTIONS.c, RESPONSES.c
     with transaction(url) as conn:
         by_status: dict[str, int] = dict(
@@ -120,6 +136,7 @@ def count_effects(url: str, run: str) -> tuple[int, int, int, int]:
 
 
 def run_demo(
+    app: Celery,
     settings: Settings,
     *,
     mentions: int,
@@ -127,17 +144,15 @@ def run_demo(
     timeout_s: float,
     with_beat: bool = True,
 ) -> DemoReport:
-    from config import app
-
     run = f"demo{uuid.uuid4().hex[:8]}"
-    # The pricing scenario runs on its own (fleetworks.demo_pricing).
+    # The pricing scenario runs on its own (fleetworks.proving.demo_pricing).
     fleet = FleetProcesses(settings, env={"FLEET_PRICING_PRODUCTS": "0"})
     try:
         fleet.worker("demo-worker")
         if with_beat:
             fleet.beat("demo-beat")
         wait_workers(app, [f"demo-worker@{fleet.hostname}"], timeout_s=60)
-        payloads = build_deliveries(settings.mentions_seed, mentions, duplicate_rate, run)
+        payloads = build_deliveries(mentions_seed(), mentions, duplicate_rate, run)
         echo(f"demo {run}: publishing {len(payloads)} tasks ({mentions} mentions)")
         started = time.monotonic()
         task_ids = publish(app, payloads)

@@ -22,6 +22,7 @@ import uuid
 from typing import Any
 
 import redis
+from celery import Celery
 from sqlalchemy import func, select
 
 from fleetworks import constants as c
@@ -29,6 +30,7 @@ from fleetworks.db import transaction
 from fleetworks.enqueue import enqueue_many
 from fleetworks.models import OUTCOMES, PROBE_EFFECTS, TERMINAL
 from fleetworks.procs import Child, celery_argv, fleet_env, wait_workers
+from fleetworks.proving import probe
 from fleetworks.settings import Settings
 
 AGENT = "probe.run"
@@ -71,11 +73,16 @@ class Phase:
         self.queue = f"bench.{self.tag}"
         self.worker = f"{self.tag}@{socket.gethostname()}"
         argv = celery_argv(
-            "worker", "-n", f"{self.tag}@%h", "-Q", self.queue, *pool_args,
+            settings.app, "worker", "-n", f"{self.tag}@%h", "-Q", self.queue, *pool_args,
             "--loglevel", "INFO", "--without-mingle", "--without-gossip",
         )  # fmt: skip
         log = settings.home / "logs" / f"bench-{label}.log"
-        self.child = Child(self.tag, argv, fleet_env(settings), log)
+        self.child = Child(
+            self.tag,
+            argv,
+            fleet_env(settings, FLEET_TASK_MODULES=probe.task_modules(settings)),
+            log,
+        )
         self.client = redis.Redis.from_url(settings.redis)
 
     def run(self, tasks: int, work_ms: int, timeout_s: float) -> dict[str, Any]:
@@ -134,10 +141,8 @@ class Phase:
 
 
 def run_autoscale(
-    settings: Settings, *, tasks: int, work_ms: int, timeout_s: float
+    app: Celery, settings: Settings, *, tasks: int, work_ms: int, timeout_s: float
 ) -> dict[str, Any]:
-    from config import app
-
     low, high = settings.autoscale_min_workers, settings.autoscale_max_workers
     auto = Phase(app, settings, "auto", ["--autoscale", f"{high},{low}"]).run(
         tasks, work_ms, timeout_s

@@ -24,18 +24,26 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
+from celery import Celery
 from sqlalchemy import func, select
 
 from fleetworks import constants as c
 from fleetworks.db import transaction
-from fleetworks.models import GUARD_EVENTS, OUTCOMES, PRICE_CHANGES, TERMINAL, EventKind
+from fleetworks.models import GUARD_EVENTS, OUTCOMES, TERMINAL, EventKind
 from fleetworks.procs import Child, wait_workers
 from fleetworks.redisconn import get_redis
 from fleetworks.services import FleetProcesses, echo
 from fleetworks.settings import Settings
 
 POLL, REPRICE, ENTRY = "pricing.poll", "pricing.reprice", "poll-prices"
-_o, _e, _p = OUTCOMES.c, GUARD_EVENTS.c, PRICE_CHANGES.c
+_o, _e = OUTCOMES.c, GUARD_EVENTS.c
+
+
+def _prices() -> Any:
+    """The pricing agent's effect table: the reference deployment's (tasks/schema.py)."""
+    from tasks.schema import PRICE_CHANGES
+
+    return PRICE_CHANGES.c
 
 
 @dataclass
@@ -106,10 +114,11 @@ def settled_count(url: str, tick: str) -> int:
 
 
 def measure_cycle(url: str, tick: str, products: int, poll: tuple[Any, ...]) -> Cycle:
+    p = _prices()
     with transaction(url) as conn:
         priced, distinct, last = conn.execute(
-            select(func.count(), func.count(func.distinct(_p.product_id)), func.max(_p.created_at))
-            .where(_p.tick == tick)
+            select(func.count(), func.count(func.distinct(p.product_id)), func.max(p.created_at))
+            .where(p.tick == tick)
         ).one()  # fmt: skip
         settled = conn.execute(
             select(func.count()).where(_reprice_keys(tick) & _o.status.in_(TERMINAL))
@@ -148,7 +157,9 @@ def chain_breaks(url: str, ticks: list[str]) -> int:
     """Products whose old price in a cycle is not their new price of the cycle before."""
     with transaction(url) as conn:
         rows = conn.execute(
-            select(_p.product_id, _p.tick, _p.old_cents, _p.new_cents).where(_p.tick.in_(ticks))
+            select(
+                _prices().product_id, _prices().tick, _prices().old_cents, _prices().new_cents
+            ).where(_prices().tick.in_(ticks))
         ).all()
     order = {t: i for i, t in enumerate(sorted(ticks, key=_slot))}
     by_product: dict[str, list[tuple[int, int, int]]] = {}
@@ -173,9 +184,7 @@ def leader_pid(client: redis.Redis, app_name: str) -> int | None:
 class Run:
     """One pricing demo run: its processes and what it has seen so far."""
 
-    def __init__(self, settings: Settings, products: int, interval_s: float) -> None:
-        from config import app
-
+    def __init__(self, app: Celery, settings: Settings, products: int, interval_s: float) -> None:
         self.app = app
         self.settings = settings
         env = {
@@ -222,9 +231,15 @@ class Run:
 
 
 def run_pricing(
-    settings: Settings, *, products: int, interval_s: float, cycles: int, timeout_s: float
+    app: Celery,
+    settings: Settings,
+    *,
+    products: int,
+    interval_s: float,
+    cycles: int,
+    timeout_s: float,
 ) -> PricingReport:
-    run = Run(settings, products, interval_s)
+    run = Run(app, settings, products, interval_s)
     url = settings.database
     started = time.monotonic()
     done: list[str] = []

@@ -5,7 +5,7 @@ run so it can be restarted), two workers and beat (whose reaper entry
 republishes orphaned claims), supervised so that a killed worker comes back
 after a second. The run publishes N probe tasks with real effects (a row
 each in ``probe_effects``, UNIQUE on the key) in waves, and before each wave
-but the first injects one fault (:mod:`fleetworks.faults`) while work is in
+but the first injects one fault (:mod:`fleetworks.proving.faults`) while work is in
 flight. Then it waits for every key to settle and counts from the database:
 the effects ledger is counted on its own, apart from the outcome rows.
 
@@ -23,15 +23,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
-from fleetworks import faults as f
 from fleetworks.db import transaction
 from fleetworks.embedded import EmbeddedRedis
 from fleetworks.enqueue import enqueue_many
 from fleetworks.models import GUARD_EVENTS, OUTCOMES, PROBE_EFFECTS, TERMINAL, EventKind
 from fleetworks.procs import Child, celery_argv, fleet_env, stop_all, wait_workers, worker_args
+from fleetworks.proving import faults as f
+from fleetworks.proving import probe
 from fleetworks.services import echo
 from fleetworks.settings import Settings
 
@@ -54,14 +56,19 @@ class Rig:
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self, count: int = 2) -> None:
-        env = fleet_env(self.settings, FLEET_MENTIONS_PER_POLL="0")
+        env = fleet_env(
+            self.settings, FLEET_MENTIONS_PER_POLL="0", FLEET_PRICING_PRODUCTS="0",
+            FLEET_TASK_MODULES=probe.task_modules(self.settings),
+        )  # fmt: skip
         logs = self.settings.home / "logs"
         for i in range(count):
             name = f"chaos{i}"
-            argv = celery_argv("worker", *worker_args(self.settings, name))
+            argv = celery_argv(self.settings.app, "worker", *worker_args(self.settings, name))
             self.workers.append(Child(name, argv, env, logs / f"{name}.log").start())
         schedule = str((self.settings.home / "chaos-beat-schedule").resolve())
-        beat = celery_argv("beat", "-s", schedule, "--pidfile=", "--loglevel", "INFO")
+        beat = celery_argv(
+            self.settings.app, "beat", "-s", schedule, "--pidfile=", "--loglevel", "INFO"
+        )
         self.others.append(Child("chaos-beat", beat, env, logs / "chaos-beat.log").start())
         threading.Thread(target=self._supervise, daemon=True).start()
 
@@ -153,6 +160,7 @@ def plan(kinds: list[str], per_kind: int, rng: random.Random) -> list[str]:
 
 
 def run_chaos(
+    app: Celery,
     settings: Settings,
     redis: EmbeddedRedis | None,
     *,
@@ -163,8 +171,6 @@ def run_chaos(
     db_pause_s: float,
     timeout_s: float,
 ) -> ChaosReport:
-    from config import app
-
     rng = random.Random(seed)
     schedule = plan(kinds, per_kind, rng)
     run = f"chaos{uuid.uuid4().hex[:8]}"

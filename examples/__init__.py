@@ -1,0 +1,1 @@
+"""Example projects that use fleetworks as a library (not installed with it)."""

@@ -1,0 +1,119 @@
+"""The probe agent: a task with a measurable effect and a controllable duration.
+
+Benchmarks run it with no work to measure the guard's cost; fault tests and
+the chaos run send it with work, to have something in flight when a worker
+is killed. Its one effect is a row in ``probe_effects`` with a UNIQUE key, so
+a duplicate is caught. It is declared with :func:`fleetworks.shared_agent`,
+so it joins whichever fleet imports this module: the rigs add the module to
+the workers they start (``FLEET_TASK_MODULES``), on any app.
+``probe.plain`` is its plain-Celery twin, the peer benchmarks compare with.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from celery import shared_task
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import insert
+
+from fleetworks.agent import shared_agent
+from fleetworks.claims import now
+from fleetworks.context import AgentSpec, RunContext
+from fleetworks.models import PROBE_EFFECTS
+from fleetworks.settings import Settings
+
+#: The module the rigs add to the task modules of the workers they start.
+MODULE = __name__
+
+
+def task_modules(settings: Settings) -> str:
+    """``FLEET_TASK_MODULES`` for a rig's worker: the settings' own plus this module."""
+    return ",".join(dict.fromkeys([*settings.modules, MODULE]))
+
+
+GUARDED = "probe.run"
+PLAIN = "probe.plain"
+
+
+class Probe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=200)
+    #: Milliseconds of simulated work before the effect.
+    work_ms: int = Field(default=0, ge=0, le=600_000)
+    #: Write the ledger row (False: a no-op task, for benchmarks).
+    effect: bool = True
+    #: Raise on attempts 1..N (a flaky dependency): exercises retries and dead letters.
+    fail_attempts: int = Field(default=0, ge=0, le=100)
+    #: Kill the process running it (a poison message): exercises max_deliveries.
+    crash: bool = False
+
+
+class ProbeFailure(RuntimeError):
+    """The failure a probe with ``fail_attempts`` raises."""
+
+
+class ProbeSink(Protocol):
+    def record(self, effect_key: str, fencing_token: int) -> None: ...
+
+
+def run(
+    probe: Probe,
+    sink: ProbeSink,
+    fencing_token: int,
+    *,
+    attempt: int = 1,
+    sleep: Callable[[float], None] = time.sleep,
+    crash: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGKILL),
+) -> dict[str, str]:
+    if probe.crash:
+        crash()
+    if attempt <= probe.fail_attempts:
+        raise ProbeFailure(f"probe {probe.id}: failing attempt {attempt} of {probe.fail_attempts}")
+    if probe.work_ms:
+        sleep(probe.work_ms / 1000)
+    if probe.effect:
+        sink.record(probe.id, fencing_token)
+    return {"id": probe.id}
+
+
+class SqlProbeSink:
+    """The probe ledger; the effect transaction opens only when a row is written."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self._ctx = ctx
+
+    def record(self, effect_key: str, fencing_token: int) -> None:
+        self._ctx.db.execute(
+            insert(PROBE_EFFECTS).values(
+                effect_key=effect_key,
+                fencing_token=fencing_token,
+                worker=self._ctx.worker,
+                created_at=now(),
+            )
+        )
+
+
+SPEC = AgentSpec(
+    name=GUARDED,
+    payload=Probe,
+    key=lambda p: f"probe:{p.id}",
+    on_contention="retry",
+    time_limit_s=30.0,
+)
+
+
+@shared_agent(SPEC)
+def run_probe(ctx: RunContext, payload: Probe) -> dict[str, str]:
+    return run(payload, SqlProbeSink(ctx), ctx.fencing_token, attempt=ctx.attempts)
+
+
+@shared_task(name=PLAIN, acks_late=True, reject_on_worker_lost=True, ignore_result=True)  # type: ignore[untyped-decorator]
+def plain(payload: dict[str, Any] | None = None, key: str | None = None) -> None:
+    """A no-op with the same delivery settings as an agent task, and no guard."""
+    return None

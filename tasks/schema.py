@@ -1,0 +1,69 @@
+"""This deployment's own tables: what its agents write, on its own metadata.
+
+The runtime's tables (``outcomes``, ``guard_events``, ``agent_state``, ...)
+are :mod:`fleetworks.models`; these belong to the agents of this repository
+and are created by the deployment's own Alembic branch (``config/migrations``),
+which ``fleetworks db upgrade`` runs after the runtime's. Every effect table
+has a ``fencing_token`` column (for :mod:`fleetworks.fenced`) and a UNIQUE key
+on what must happen once, so a duplicate effect fails loudly.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+_ID = BigInteger().with_variant(Integer, "sqlite")
+
+#: The mentions agent's view of each mention: processing -> responded | ignored.
+MENTIONS = Table(
+    "mentions",
+    metadata,
+    Column("mention_id", String(100), primary_key=True),
+    Column("brand", String(100), nullable=False),
+    Column("author", String(100), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("fencing_token", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+#: The mentions agent's effect: one response per mention (UNIQUE).
+RESPONSES = Table(
+    "responses",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("mention_id", String(100), nullable=False, unique=True),
+    Column("text", Text, nullable=False),
+    Column("fencing_token", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+#: The pricing agent's effect: one decision per product per tick (UNIQUE).
+PRICE_CHANGES = Table(
+    "price_changes",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("product_id", String(100), nullable=False),
+    Column("tick", String(300), nullable=False),
+    Column("old_cents", Integer, nullable=False),
+    Column("new_cents", Integer, nullable=False),
+    #: The state version this decision wrote.
+    Column("version", Integer, nullable=False),
+    Column("fencing_token", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("product_id", "tick", name="ux_price_changes_product_tick"),
+    Index("ix_price_changes_tick", "tick"),
+)

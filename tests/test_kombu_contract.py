@@ -1,0 +1,64 @@
+"""What fleetworks reads of Celery's and kombu's private internals still exists.
+
+Every such use lives in :mod:`fleetworks.kombu_redis`; these tests exercise
+each one against the installed Celery and kombu, so an upgrade that moves
+them fails here, by name, instead of in production.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import redis
+from celery.worker.request import Request
+
+from fleetworks import kombu_redis
+from fleetworks.app import create_app
+from fleetworks.settings import Settings
+from tests.conftest import BROKER_URL, LOCKS_URL
+
+
+def test_the_installed_versions_have_everything_the_adapter_uses() -> None:
+    app = create_app(Settings(broker_url=BROKER_URL, redis_url=LOCKS_URL), name="contract")
+    with app.connection_for_write() as conn:
+        assert kombu_redis.contract_problems(conn.default_channel, Request) == []
+
+
+def test_priority_lists_name_the_lists_kombu_pushes_to() -> None:
+    app = create_app(Settings(broker_url=BROKER_URL, redis_url=LOCKS_URL), name="contract")
+    queue = f"contract-{uuid.uuid4().hex[:6]}"
+    client = redis.Redis.from_url(BROKER_URL)
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        lists = kombu_redis.priority_lists(channel, queue)
+        for priority in (0, 9):
+            app.send_task("x", kwargs={}, queue=queue, priority=priority)
+        assert sum(client.llen(name) for name in lists) == 2
+    for name in lists:
+        client.delete(name)
+
+
+def test_an_unacked_message_is_seen_decoded_and_restored(sqlite_url: str) -> None:
+    """A delivered, unacknowledged message sits in kombu's unacked hash; the
+    adapter sees it, decodes its body and gives it back to its queue."""
+    app = create_app(Settings(broker_url=BROKER_URL, redis_url=LOCKS_URL), name="contract")
+    queue = f"contract-{uuid.uuid4().hex[:6]}"
+    client = redis.Redis.from_url(BROKER_URL)
+    app.send_task("probe.run", kwargs={"payload": {"id": "u"}, "key": "k"}, queue=queue)
+    with app.connection_for_write() as conn:
+        message = conn.default_channel.basic_get(queue, no_ack=False)
+        assert message is not None  # delivered, not acknowledged
+        held = [
+            m for m in kombu_redis.stranded_messages(app, time.time() + 1, 1000) if m.queue == queue
+        ]
+        assert len(held) == 1 and held[0].headers["task"] == "probe.run"
+        assert kombu_redis.decode_body(held[0].body) == ([], {"payload": {"id": "u"}, "key": "k"})
+        kombu_redis.restore(app, held[0].tag)
+        assert (
+            sum(client.llen(n) for n in kombu_redis.priority_lists(conn.default_channel, queue))
+            == 1
+        )
+        assert client.hget(kombu_redis.unacked_key(conn.default_channel), held[0].tag) is None
+    for name in kombu_redis.priority_lists(conn.default_channel, queue):
+        client.delete(name)
