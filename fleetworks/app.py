@@ -35,7 +35,7 @@ from celery.signals import before_task_publish, worker_process_init
 from kombu.entity import Queue
 
 from fleetworks import constants as c
-from fleetworks import db, redisconn, timing
+from fleetworks import db, kombu_redis, redisconn, timing
 from fleetworks.reaper import REAP_TASK, control_queue
 from fleetworks.reaper import schedule_entry as reaper_entry
 from fleetworks.request import GuardedTask
@@ -215,6 +215,8 @@ def init_app(
         # Every fleet's beat runs the reaper (fleetworks.reaper).
         schedule["fleet-reap-orphaned-claims"] = reaper_entry(settings.queue)
     app.conf.beat_schedule = schedule
+    if kombu_redis.PromptReap not in app.steps["worker"]:
+        app.steps["worker"].add(kombu_redis.PromptReap)
     timing.Timings.from_settings(settings).check()
     return Fleet(app, settings, migrations=migrations)
 

@@ -1,6 +1,6 @@
 """Everything fleetworks reads of Celery's and kombu's private internals.
 
-fleetworks relies on four things that neither Celery nor kombu publishes as
+fleetworks relies on five things that neither Celery nor kombu publishes as
 an API. They live here, and only here, so an upgrade that changes them fails
 in one place: ``tests/test_kombu_contract.py`` exercises each of them against
 the installed versions and fails loudly, naming what moved.
@@ -18,6 +18,14 @@ the installed versions and fails loudly, naming what moved.
    (``_Request__payload``) besides ``_args``, ``_kwargs`` and
    ``_request_dict``; the guarded request swaps a body the pool cannot take
    for a small one (:func:`replace_request_body`).
+5. Celery's prefork pool learns that a child died when the child's sentinel
+   pipe becomes readable, and reaps it then; the pipe closes while the child
+   is still exiting, so that reap can come too early (``waitpid`` finds it
+   still running), and the pool then notices only at its next 5 s
+   ``maintain_pool`` timer. Until it does, the killed task's message is not
+   given back and its lease is not freed. :class:`PromptReap`, a worker
+   bootstep, runs the pool's own ``maintain_pool`` every
+   :data:`REAP_CHILDREN_EVERY_S` so a dead child is noticed within that.
 """
 
 from __future__ import annotations
@@ -28,7 +36,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
+
+#: How often the worker's main process looks for dead pool children.
+REAP_CHILDREN_EVERY_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +111,17 @@ def replace_request_body(
     # The decoded arguments also travel to the child inside the request dict.
     request._request_dict["args"] = request._args = args
     request._request_dict["kwargs"] = request._kwargs = kwargs
+
+
+class PromptReap(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Reaps a dead prefork child within :data:`REAP_CHILDREN_EVERY_S` (item 5 above)."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def start(self, worker: Any) -> None:
+        maintain = getattr(getattr(worker.pool, "_pool", None), "maintain_pool", None)
+        if worker.hub is not None and callable(maintain):
+            worker.hub.call_repeatedly(REAP_CHILDREN_EVERY_S, maintain)
 
 
 def contract_problems(channel: Any, request_cls: type) -> Sequence[str]:

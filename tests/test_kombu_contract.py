@@ -62,3 +62,14 @@ def test_an_unacked_message_is_seen_decoded_and_restored(sqlite_url: str) -> Non
         assert client.hget(kombu_redis.unacked_key(conn.default_channel), held[0].tag) is None
     for name in kombu_redis.priority_lists(conn.default_channel, queue):
         client.delete(name)
+
+
+def test_a_fleet_worker_reaps_dead_pool_children_with_the_pools_own_method() -> None:
+    from celery.concurrency.asynpool import AsynPool
+    from celery.worker import components
+
+    app = create_app(Settings(broker_url=BROKER_URL, redis_url=LOCKS_URL), name="contract")
+    assert kombu_redis.PromptReap in app.steps["worker"]
+    assert callable(AsynPool.maintain_pool)
+    assert kombu_redis.PromptReap.requires == (f"{components.__name__}:Pool",)
+    assert hasattr(components, "Pool")
