@@ -4,11 +4,13 @@
 idempotency key. ``guard_events`` records what the guard did instead of
 running (duplicates skipped, lock contention, duplicate effects caught).
 ``probe_effects`` is the effect ledger of the probe agent the proving rigs
-send (:mod:`fleetworks.proving.probe`). An agent's own tables belong to its
+send (:mod:`fleetworks.proving.probe`), UNIQUE on its key;
+``probe_effect_log`` its second ledger, deliberately without one, where a
+key that ran twice shows as two rows. An agent's own tables belong to its
 deployment, on the deployment's metadata and Alembic branch. ``agent_state``
 holds each entity's current state with its version, and
 ``agent_state_history`` every version ever written (:mod:`fleetworks.state`).
-Every effect table has a UNIQUE constraint on what must happen once, so a
+Every other effect table has a UNIQUE constraint on what must happen once, so a
 duplicate effect fails loudly instead of hiding.
 """
 
@@ -124,10 +126,23 @@ class ProbeEffect(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class ProbeEffectLog(Base):
+    """A probe effect with no UNIQUE key: doubles are counted, not prevented."""
+
+    __tablename__ = "probe_effect_log"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    effect_key: Mapped[str] = mapped_column(String(500), index=True)
+    fencing_token: Mapped[int] = mapped_column(BigInteger)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 #: Core ``Table`` handles, typed, for statements on hot paths.
 OUTCOMES = cast(Table, Outcome.__table__)
 GUARD_EVENTS = cast(Table, GuardEvent.__table__)
 PROBE_EFFECTS = cast(Table, ProbeEffect.__table__)
+PROBE_EFFECT_LOG = cast(Table, ProbeEffectLog.__table__)
 
 
 class AgentState(Base):

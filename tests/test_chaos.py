@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import delete
 
+from fleetworks.agent import Fleet
+from fleetworks.db import transaction
+from fleetworks.models import OUTCOMES
 from fleetworks.proving.faults import KINDS
 from tests.conftest import POSTGRES_URL, _require_postgres
 from tests.test_cli import embedded_env, fleetworks
@@ -88,6 +92,26 @@ def test_long_chaos_run(tmp_path: Path, backend: str) -> None:
     report = run_chaos(tmp_path, *args, database_url=url)
     assert_nothing_lost_or_doubled(report, tasks, per_kind)
     assert report["max_recovery_s"] < 30, report["fault_log"]
+
+
+def test_the_chaos_count_sees_an_effect_committed_twice(fleet: Fleet, run_agent: Any) -> None:
+    """The run's "duplicated" is counted, not constructed: with the guard's record
+    of a key deleted (a guard that forgot it ran it), the key runs again and the
+    report shows the double, from the ledger that has no UNIQUE key."""
+    from fleetworks.proving import chaos
+
+    url, run = fleet.settings.database, "chaosdouble"
+    for i in (0, 1):
+        run_agent("probe.run", {"id": f"{run}-{i}", "unique": False})
+    report = chaos._report(url, run, tasks=2, faults=[], settled=chaos._settled(url, run),
+                           restarts=0, wall_s=0)  # fmt: skip
+    assert (report.effects, report.effects_duplicated, report.ok) == (2, 0, True)
+    with transaction(url) as conn:
+        conn.execute(delete(OUTCOMES).where(OUTCOMES.c.idempotency_key == f"probe:{run}-0"))
+    assert run_agent("probe.run", {"id": f"{run}-0", "unique": False}).status == "succeeded"
+    report = chaos._report(url, run, tasks=2, faults=[], settled=chaos._settled(url, run),
+                           restarts=0, wall_s=0)  # fmt: skip
+    assert (report.effects, report.effects_duplicated, report.ok) == (3, 1, False)
 
 
 def test_unknown_fault_kind_is_a_clear_error(tmp_path: Path) -> None:

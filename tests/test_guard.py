@@ -165,8 +165,8 @@ def test_a_lost_lease_refuses_the_write_and_records_stale_write(
 
     real = probe.SqlProbeSink.record
 
-    def record_then_lose(self: Any, effect_key: str, token: int) -> None:
-        real(self, effect_key, token)
+    def record_then_lose(self: Any, effect_key: str, token: int, *, unique: bool = True) -> None:
+        real(self, effect_key, token, unique=unique)
         self._ctx.lease.lost.set()
 
     monkeypatch.setattr(probe.SqlProbeSink, "record", record_then_lose)

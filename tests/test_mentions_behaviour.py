@@ -52,7 +52,7 @@ class RecordingProbeSink:
 
     records: list[tuple[str, int]] = field(default_factory=list)
 
-    def record(self, effect_key: str, fencing_token: int) -> None:
+    def record(self, effect_key: str, fencing_token: int, *, unique: bool = True) -> None:
         self.records.append((effect_key, fencing_token))
 
 

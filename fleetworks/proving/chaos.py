@@ -3,11 +3,16 @@
 The rig is what ``up`` runs: the broker (the embedded Redis, owned by the
 run so it can be restarted), two workers and beat (whose reaper entry
 republishes orphaned claims), supervised so that a killed worker comes back
-after a second. The run publishes N probe tasks with real effects (a row
-each in ``probe_effects``, UNIQUE on the key) in waves, and before each wave
-but the first injects one fault (:mod:`fleetworks.proving.faults`) while work is in
-flight. Then it waits for every key to settle and counts from the database:
-the effects ledger is counted on its own, apart from the outcome rows.
+after a second. The run publishes N probe tasks with real effects in waves,
+and before each wave but the first injects one fault
+(:mod:`fleetworks.proving.faults`) while work is in flight. Then it waits for
+every key to settle and counts from the database.
+
+Each effect is a row in ``probe_effect_log``, which has no UNIQUE key: a
+key whose effect committed twice shows as two rows, so "duplicated" counts
+what happened (rows beyond one per key, plus ``duplicate_effect`` events),
+not what a constraint allowed. That ledger is counted on its own, apart
+from the outcome rows, and must hold one row per ``succeeded`` outcome.
 
 ``max_recovery_s`` is, over all faults, the longest time from a fault to the
 moment every key that was in flight when it hit had its final outcome.
@@ -30,7 +35,7 @@ from sqlalchemy.exc import DBAPIError
 from fleetworks.db import transaction
 from fleetworks.embedded import EmbeddedRedis
 from fleetworks.enqueue import enqueue_many
-from fleetworks.models import GUARD_EVENTS, OUTCOMES, PROBE_EFFECTS, TERMINAL, EventKind
+from fleetworks.models import GUARD_EVENTS, OUTCOMES, PROBE_EFFECT_LOG, TERMINAL, EventKind
 from fleetworks.procs import Child, celery_argv, fleet_env, stop_all, wait_workers, worker_args
 from fleetworks.proving import faults as f
 from fleetworks.proving import probe
@@ -182,7 +187,9 @@ def run_chaos(
     started = time.monotonic()
     try:
         wait_workers(app, [f"{w.name}@{_host()}" for w in rig.workers], timeout_s=60)
-        payloads = [{"id": f"{run}-{i}", "work_ms": _work_ms(rng)} for i in range(tasks)]
+        payloads = [
+            {"id": f"{run}-{i}", "work_ms": _work_ms(rng), "unique": False} for i in range(tasks)
+        ]
         waves = [payloads[i :: len(schedule) + 1] for i in range(len(schedule) + 1)]
         published = 0
         for kind, wave in zip([*schedule, None], waves, strict=True):
@@ -279,14 +286,10 @@ def _report(
         )
 
     statuses = _status_counts(url, run)
-    effect_rows = _count(
-        url, select(func.count()).where(PROBE_EFFECTS.c.effect_key.like(f"{run}-%"))
-    )
+    mine = PROBE_EFFECT_LOG.c.effect_key.like(f"{run}-%")
+    effect_rows = _count(url, select(func.count()).where(mine))
     distinct_effects = _count(
-        url,
-        select(func.count(func.distinct(PROBE_EFFECTS.c.effect_key))).where(
-            PROBE_EFFECTS.c.effect_key.like(f"{run}-%")
-        ),
+        url, select(func.count(func.distinct(PROBE_EFFECT_LOG.c.effect_key))).where(mine)
     )
     duplicated = events(EventKind.DUPLICATE_EFFECT) + (effect_rows - distinct_effects)
     for fault in faults:

@@ -2,10 +2,13 @@
 
 Benchmarks run it with no work to measure the guard's cost; fault tests and
 the chaos run send it with work, to have something in flight when a worker
-is killed. Its one effect is a row in ``probe_effects`` with a UNIQUE key, so
-a duplicate is caught. It is declared with :func:`fleetworks.shared_agent`,
-so it joins whichever fleet imports this module: the rigs add the module to
-the workers they start (``FLEET_TASK_MODULES``), on any app.
+is killed. Its effect is a row in ``probe_effects`` with a UNIQUE key, so a
+duplicate is caught; or, with ``unique=False``, a row in ``probe_effect_log``,
+which has no UNIQUE key, so a key that ran twice shows as two rows (the
+chaos run counts doubles there, where only the guard can prevent them).
+It is declared with :func:`fleetworks.shared_agent`, so it joins whichever
+fleet imports this module: the rigs add the module to the workers they start
+(``FLEET_TASK_MODULES``), on any app.
 ``probe.plain`` is its plain-Celery twin, the peer benchmarks compare with.
 """
 
@@ -24,7 +27,7 @@ from sqlalchemy import insert
 from fleetworks.agent import shared_agent
 from fleetworks.claims import now
 from fleetworks.context import AgentSpec, RunContext
-from fleetworks.models import PROBE_EFFECTS
+from fleetworks.models import PROBE_EFFECT_LOG, PROBE_EFFECTS
 from fleetworks.settings import Settings
 
 #: The module the rigs add to the task modules of the workers they start.
@@ -48,6 +51,9 @@ class Probe(BaseModel):
     work_ms: int = Field(default=0, ge=0, le=600_000)
     #: Write the ledger row (False: a no-op task, for benchmarks).
     effect: bool = True
+    #: Write it to ``probe_effects`` (UNIQUE key) or, when False, to
+    #: ``probe_effect_log`` (no UNIQUE key: a double shows as two rows).
+    unique: bool = True
     #: Raise on attempts 1..N (a flaky dependency): exercises retries and dead letters.
     fail_attempts: int = Field(default=0, ge=0, le=100)
     #: Kill the process running it (a poison message): exercises max_deliveries.
@@ -59,7 +65,7 @@ class ProbeFailure(RuntimeError):
 
 
 class ProbeSink(Protocol):
-    def record(self, effect_key: str, fencing_token: int) -> None: ...
+    def record(self, effect_key: str, fencing_token: int, *, unique: bool = True) -> None: ...
 
 
 def run(
@@ -78,7 +84,7 @@ def run(
     if probe.work_ms:
         sleep(probe.work_ms / 1000)
     if probe.effect:
-        sink.record(probe.id, fencing_token)
+        sink.record(probe.id, fencing_token, unique=probe.unique)
     return {"id": probe.id}
 
 
@@ -88,9 +94,9 @@ class SqlProbeSink:
     def __init__(self, ctx: RunContext) -> None:
         self._ctx = ctx
 
-    def record(self, effect_key: str, fencing_token: int) -> None:
+    def record(self, effect_key: str, fencing_token: int, *, unique: bool = True) -> None:
         self._ctx.db.execute(
-            insert(PROBE_EFFECTS).values(
+            insert(PROBE_EFFECTS if unique else PROBE_EFFECT_LOG).values(
                 effect_key=effect_key,
                 fencing_token=fencing_token,
                 worker=self._ctx.worker,
