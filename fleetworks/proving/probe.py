@@ -10,6 +10,9 @@ It is declared with :func:`fleetworks.shared_agent`, so it joins whichever
 fleet imports this module: the rigs add the module to the workers they start
 (``FLEET_TASK_MODULES``), on any app.
 ``probe.plain`` is its plain-Celery twin, the peer benchmarks compare with.
+``probe.tick`` is its scheduled form: beat sends it a tick, keyed by the tick
+id, and it writes one ``probe_effect_log`` row per run, so the beat tests
+count how often each slot really ran.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def task_modules(settings: Settings) -> str:
 
 GUARDED = "probe.run"
 PLAIN = "probe.plain"
+TICK = "probe.tick"
 
 
 class Probe(BaseModel):
@@ -117,6 +121,29 @@ SPEC = AgentSpec(
 @shared_agent(SPEC)
 def run_probe(ctx: RunContext, payload: Probe) -> dict[str, str]:
     return run(payload, SqlProbeSink(ctx), ctx.fencing_token, attempt=ctx.attempts)
+
+
+class Tick(BaseModel):
+    """What beat sends a scheduled agent: its tick id, slot and entry."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tick: str = Field(min_length=1, max_length=300)
+    slot: str
+    entry: str
+    #: Milliseconds of simulated work before the effect.
+    work_ms: int = Field(default=0, ge=0, le=60_000)
+
+
+TICK_SPEC = AgentSpec(name=TICK, payload=Tick, key=lambda t: t.tick, time_limit_s=30.0)
+
+
+@shared_agent(TICK_SPEC)
+def run_tick(ctx: RunContext, payload: Tick) -> dict[str, str]:
+    if payload.work_ms:
+        time.sleep(payload.work_ms / 1000)
+    SqlProbeSink(ctx).record(payload.tick, ctx.fencing_token, unique=False)
+    return {"tick": payload.tick}
 
 
 @shared_task(name=PLAIN, acks_late=True, reject_on_worker_lost=True, ignore_result=True)  # type: ignore[untyped-decorator]
