@@ -172,23 +172,32 @@ def test_a_worker_pool_grows_with_a_burst_and_shrinks_without_interrupting(
     scaling_worker: Worker,
 ) -> None:
     w = scaling_worker
+    url = w.database_url
     wait_for(lambda: pool_report(w).get("actual") == "1", 20, "the pool idle at its minimum")
-    # When a burst of 24 tasks of 300 ms arrives
+    # When a burst of 24 tasks of 300 ms arrives, with one task of 15 s
+    w.enqueue("probe.run", {"id": "long", "work_ms": 15_000})
     for i in range(24):
         w.enqueue("probe.run", {"id": f"burst-{i}", "work_ms": 300})
-    # Then the pool grows to its maximum, and every task runs once
+    # Then the pool grows to its maximum
     wait_for(lambda: pool_report(w).get("actual") == "4", 20, "the pool at its maximum")
-    url = w.database_url
 
-    def outcomes() -> list[tuple[str, int]]:
+    def outcomes() -> dict[str, tuple[str, int]]:
         with transaction(url) as conn:
-            rows = conn.execute(select(OUTCOMES.c.status, OUTCOMES.c.attempts)).all()
-        return [(str(s), int(a)) for s, a in rows]
+            rows = conn.execute(
+                select(OUTCOMES.c.idempotency_key, OUTCOMES.c.status, OUTCOMES.c.attempts)
+            ).all()
+        return {str(k): (str(s), int(a)) for k, s, a in rows}
 
-    wait_for(lambda: len([o for o in outcomes() if o[0] == "succeeded"]) == 24, 60, "24 tasks")
-    # And once idle it shrinks back to its minimum, interrupting nothing
+    long_run = wait_for(lambda: outcomes().get("probe:long"), 20, "the long task to start")
+    assert long_run[0] == "claimed"
+    # And when the burst is done it shrinks to its minimum while the long task
+    # still runs: the process that stays is the busy one
     wait_for(lambda: pool_report(w).get("actual") == "1", 30, "the pool back at its minimum")
-    assert outcomes() == [("succeeded", 1)] * 24
+    assert outcomes()["probe:long"] == ("claimed", 1), "the shrink came after the long task"
+    assert sum(1 for s, _ in outcomes().values() if s == "succeeded") == 24
+    wait_for(lambda: outcomes()["probe:long"][0] == "succeeded", 30, "the long task to finish")
+    # interrupting nothing: every task ran once, none was lost or redelivered
+    assert sorted(outcomes().values()) == [("succeeded", 1)] * 25
     with transaction(url) as conn:
         assert conn.execute(select(GUARD_EVENTS.c.kind)).all() == []
 

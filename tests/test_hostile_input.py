@@ -79,6 +79,19 @@ def crash_line(log: str, task_id: str) -> str | None:
     return next((line for line in log.splitlines() if marker in line), None)
 
 
+def deliveries(log: str, task_id: str) -> int:
+    """How often the worker received ``task_id`` (Celery logs each delivery)."""
+    return log.count(f"[{task_id}] received")
+
+
+def assert_delivered_once(worker: Worker, task_ids: Sequence[str]) -> None:
+    """Each task was delivered once: acked, never retried or redelivered."""
+    wait_for(lambda: broker_idle(worker.queue), what="the messages to be acked")
+    log = worker_log(worker)
+    again = {t: deliveries(log, t) for t in task_ids if deliveries(log, t) != 1}
+    assert not again, f"delivered other than once: {again}"
+
+
 def settle(worker: Worker, task_ids: Sequence[str]) -> dict[str, list[Any]]:
     """Wait until each task left a finished row or crashed; fail fast if the worker died."""
 
@@ -329,7 +342,7 @@ def test_hostile_payloads_are_rejected_and_the_worker_keeps_serving(worker: Work
     # ... no effect, no guard event, and the messages are acked, not redelivered
     assert effect_keys(worker.database_url) == set()
     assert event_count(worker.database_url, [t for t, _, _ in sent]) == 0
-    wait_for(lambda: broker_idle(worker.queue), what="the hostile messages to be acked")
+    assert_delivered_once(worker, [t for t, _, _ in sent])
     # ... and the worker still runs valid work
     assert_still_serving(worker)
 
@@ -361,6 +374,7 @@ def test_non_string_or_empty_key_is_rejected(worker: Worker) -> None:
             (f"rejected:{task_id}", "rejected")
         ], f"key {key!r}: {rows}"
         assert reason in rows[0].error, f"key {key!r}: {rows[0].error!r}"
+    assert_delivered_once(worker, [task_id for task_id, _, _ in sent])
     assert effect_keys(worker.database_url) == set()
     assert_still_serving(worker)
 
@@ -392,6 +406,7 @@ def assert_rejected_each(worker: Worker, cases: dict[str, tuple[str, str]]) -> N
         or reason not in found[task_id][0].error
     }
     assert not wrong, wrong
+    assert_delivered_once(worker, [task_id for task_id, _ in cases.values()])
     assert_still_serving(worker)
 
 
