@@ -7,6 +7,10 @@ duplicates race each other onto the two pool processes. It waits until every
 task it sent has settled in the results database, then counts, from the
 durable record only: tasks settled and lost, effects (mentions answered or
 ignored, response rows), effects duplicated, duplicates skipped, rejections.
+"Effects duplicated" counts ``duplicate_effect`` events: the agent's tables
+are UNIQUE on what must happen once, so a second commit of an effect cannot
+happen and a run that tries is recorded as one (the chaos run counts doubles
+in a ledger without a UNIQUE key instead).
 
 The demo runs this repository's seed agents (the reference deployment at the
 repository root: ``agents.mentions``, ``tasks.mentions``): it needs their feed
@@ -114,8 +118,8 @@ def wait_settled(url: str, task_ids: list[str], timeout_s: float) -> dict[str, s
     return settled
 
 
-def count_effects(url: str, run: str) -> tuple[int, int, int, int]:
-    """(mentions settled, responses, ignored, response rows beyond one per mention)."""
+def count_effects(url: str, run: str) -> tuple[int, int, int]:
+    """(mentions settled, response rows, mentions ignored)."""
     like = f"{run}-%"
     from tasks.schema import MENTIONS, RESPONSES
 
@@ -126,13 +130,9 @@ def count_effects(url: str, run: str) -> tuple[int, int, int, int]:
                 select(m.status, func.count()).where(m.mention_id.like(like)).group_by(m.status)
             ).all()
         )
-        rows, distinct_ids = conn.execute(
-            select(func.count(), func.count(func.distinct(r.mention_id))).where(
-                r.mention_id.like(like)
-            )
-        ).one()
+        rows = conn.execute(select(func.count()).where(r.mention_id.like(like))).scalar_one()
     responded, ignored = int(by_status.get("responded", 0)), int(by_status.get("ignored", 0))
-    return responded + ignored, int(rows), ignored, int(rows) - int(distinct_ids)
+    return responded + ignored, int(rows), ignored
 
 
 def run_demo(
@@ -176,10 +176,10 @@ def summarize(
 ) -> DemoReport:
     with transaction(url) as conn:
         events = reports.event_counts(conn, task_ids)
-    effects, responses, ignored, extra_rows = count_effects(url, run)
+    effects, responses, ignored = count_effects(url, run)
     statuses = list(settled.values())
     lost = len(task_ids) - len(settled)
-    duplicated = events.get(EventKind.DUPLICATE_EFFECT, 0) + extra_rows
+    duplicated = events.get(EventKind.DUPLICATE_EFFECT, 0)
     return DemoReport(
         mentions=mentions,
         tasks_enqueued=len(task_ids),
