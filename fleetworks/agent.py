@@ -146,7 +146,11 @@ class Fleet:
             )
 
         def bind(behaviour: Behaviour) -> Task:
+            # shared=False: Celery would otherwise add this task, bound to this
+            # fleet, to every app finalized later in the process, where it could
+            # win over that app's own (shared_agent is fleetworks' sharing).
             task = self.app.task(
+                shared=False,
                 name=spec.name,
                 base=AgentTask,
                 bind=True,

@@ -89,3 +89,27 @@ def test_timings_hold_their_relations_and_name_a_broken_one() -> None:
     broken = dataclasses.replace(timings, renew_interval_s=timings.lease_ttl_s)
     with pytest.raises(ValueError, match="three lease renewals must fit in one lease"):
         broken.check()
+
+
+def test_two_fleets_in_one_process_each_run_their_own_agent() -> None:
+    """An agent bound to one fleet never leaks into another app (Celery shares
+    decorated tasks with every app finalized later unless told not to)."""
+    from pydantic import BaseModel
+
+    from fleetworks import AgentSpec
+
+    class Nothing(BaseModel):
+        id: str
+
+    fleets = []
+    for label in ("first", "second"):
+        app = Celery(f"two-fleets-{label}")
+        fleet = init_app(app, Settings(broker_url="memory://", redis_url="redis://127.0.0.1:1"))
+        spec = AgentSpec(name="two.fleets", payload=Nothing, key=lambda n: n.id)
+        fleet.agent(spec)(lambda ctx, n, label=label: label)
+        fleets.append(fleet)
+    for fleet in fleets:
+        fleet.app.finalize()
+        task = fleet.app.tasks["two.fleets"]
+        assert task.fleet is fleet
+        assert task.behaviour(None, None) == fleet.app.main.rsplit("-", 1)[1]
