@@ -10,6 +10,8 @@ from celery import Celery
 from sqlalchemy import Connection
 
 from fleetworks.db import get_engine
+from fleetworks.events import Event, emitted_id, store, subscription_key
+from fleetworks.events import check as check_event
 from fleetworks.locks import Lease
 from fleetworks.timing import lock_ttl_s
 
@@ -38,9 +40,11 @@ class AgentSpec:
 
     name: str
     payload: type[Any]
-    #: Idempotency key of a payload: the effect happens once per key.
-    key: Callable[[Any], str]
-    #: Entity the lock is taken on; defaults to the idempotency key.
+    #: Idempotency key of a payload: the effect happens once per key. A
+    #: subscriber's is ``<name>|<event id>`` unless given.
+    key: Callable[[Any], str] | None = None
+    #: Entity the lock is taken on; defaults to the idempotency key (for a
+    #: subscriber, ``<name>|<event key>``: one event key's runs one at a time).
     entity: Callable[[Any], str] | None = None
     #: On lock contention: ``retry`` later with back-off, or ``skip`` and record.
     on_contention: str = "retry"
@@ -50,8 +54,34 @@ class AgentSpec:
     #: Claims of one key (deliveries that reached the behaviour) before it is
     #: declared ``dead``: a message that kills its worker every time stops here.
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    #: Topics this agent subscribes to (:mod:`fleetworks.events`); its payload
+    #: is then :class:`fleetworks.events.Event` (or a subclass).
+    on: tuple[str, ...] = ()
+    #: Which of those events it wants: a predicate on the event, run by the relay.
+    where: Callable[[Event], bool] | None = None
 
     def __post_init__(self) -> None:
+        self._check_limits()
+        self._subscribe()
+
+    def _subscribe(self) -> None:
+        on = (self.on,) if isinstance(self.on, str) else tuple(self.on)
+        object.__setattr__(self, "on", on)
+        for topic in self.on:
+            check_event(topic, {})
+        if self.on and not (isinstance(self.payload, type) and issubclass(self.payload, Event)):
+            raise ValueError(f"{self.name}: a subscriber's payload must be fleetworks.events.Event")
+        if self.where is not None and not self.on:
+            raise ValueError(f"{self.name}: where= filters events; give on=[topics] too")
+        if self.key is None:
+            if not self.on:
+                raise ValueError(f"{self.name}: key= is required (unless the agent subscribes)")
+            name = self.name
+            object.__setattr__(self, "key", lambda e: subscription_key(name, e.id))
+            if self.entity is None:
+                object.__setattr__(self, "entity", lambda e: f"{name}|{e.key or e.id}")
+
+    def _check_limits(self) -> None:
         if self.on_contention not in ("retry", "skip"):
             raise ValueError(f"on_contention must be 'retry' or 'skip', not {self.on_contention!r}")
         if self.max_deliveries < 1:
@@ -67,6 +97,7 @@ class AgentSpec:
 
     def identify(self, payload: Any, explicit_key: str | None = None) -> Identity:
         """The key (``explicit_key`` when given) and entity of a parsed payload."""
+        assert self.key is not None  # set in __post_init__
         key = explicit_key if explicit_key is not None else self.key(payload)
         entity = self.entity(payload) if self.entity else key
         return Identity(key, entity)
@@ -91,6 +122,8 @@ class RunContext:
     #: The Celery app running this run: publish follow-up work with it.
     app: Celery | None = None
     _conn: Connection | None = field(default=None, repr=False)
+    #: Events this run has emitted (stored in :attr:`db`, not yet committed).
+    emitted: list[str] = field(default_factory=list)
 
     @property
     def fencing_token(self) -> int:
@@ -116,6 +149,17 @@ class RunContext:
             self._conn = get_engine(self.database_url).connect()
             self._conn.begin()
         return self._conn
+
+    def emit(self, topic: str, data: dict[str, Any], key: str | None = None) -> str:
+        """Emit an event: stored in :attr:`db`, so it exists only if this run's
+        effects and ``succeeded`` row commit. Returns its id, derived from the
+        agent, the run's key and this emit's index. Raises
+        :class:`fleetworks.events.EventError` naming what is wrong with it."""
+        event_id = emitted_id(self.spec.name, self.idempotency_key, len(self.emitted))
+        store(self.db, topic, data, key=key, event_id=event_id, source_agent=self.spec.name,
+              source_key=self.idempotency_key)  # fmt: skip
+        self.emitted.append(event_id)
+        return event_id
 
     def close_db(self, *, commit: bool) -> None:
         conn, self._conn = self._conn, None

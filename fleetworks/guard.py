@@ -40,7 +40,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from fleetworks import constants as c
-from fleetworks import message
+from fleetworks import events, message
 from fleetworks.claims import ClaimVerdict, StaleWriteError
 from fleetworks.context import AgentSpec, Identity, RunContext
 from fleetworks.ledger import Ledger, RunId
@@ -255,6 +255,8 @@ class Guard:
             ctx.close_db(commit=True)
         except STALE as exc:
             self._stale(run, exc)
+        if ctx.emitted:
+            events.wake(self.locks().client)
         return result
 
     def _settle_error(

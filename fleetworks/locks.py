@@ -104,6 +104,11 @@ class EntityLocks:
         self._raise_fence = client.register_script(_RAISE_FENCE)
         self._release_owner = client.register_script(_RELEASE_OWNER)
 
+    @property
+    def client(self) -> redis.Redis:
+        """The Redis client these locks live on."""
+        return self._client
+
     def acquire(self, entity: str, ttl_s: float, owner: str = "") -> Lease | None:
         """A lease on ``entity``, or None when another holder has it.
 

@@ -6,7 +6,8 @@ running (duplicates skipped, lock contention, duplicate effects caught).
 ``probe_effects`` is the effect ledger of the probe agent the proving rigs
 send (:mod:`fleetworks.proving.probe`), UNIQUE on its key;
 ``probe_effect_log`` its second ledger, deliberately without one, where a
-key that ran twice shows as two rows. An agent's own tables belong to its
+key that ran twice shows as two rows. ``events`` is the outbox of events
+between agents (:mod:`fleetworks.events`). An agent's own tables belong to its
 deployment, on the deployment's metadata and Alembic branch. ``agent_state``
 holds each entity's current state with its version, and
 ``agent_state_history`` every version ever written (:mod:`fleetworks.state`).
@@ -138,11 +139,41 @@ class ProbeEffectLog(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class StoredEvent(Base):
+    """One event (:mod:`fleetworks.events`): immutable once stored.
+
+    ``position`` orders events as they were stored; ``relayed_at`` is set
+    when the relay has sent it to its subscribers (NULL: not yet).
+    """
+
+    __tablename__ = "events"
+
+    position: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True
+    )
+    event_id: Mapped[str] = mapped_column(String(200), unique=True)
+    topic: Mapped[str] = mapped_column(String(200))
+    key: Mapped[str | None] = mapped_column(String(500))
+    data: Mapped[Any] = mapped_column(JSON)
+    #: Who emitted it: an agent and the idempotency key of its run, or
+    #: ``source_agent`` NULL for application code.
+    source_agent: Mapped[str | None] = mapped_column(String(200))
+    source_key: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    relayed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_events_relayed_position", "relayed_at", "position"),
+        Index("ix_events_topic_key", "topic", "key"),
+    )
+
+
 #: Core ``Table`` handles, typed, for statements on hot paths.
 OUTCOMES = cast(Table, Outcome.__table__)
 GUARD_EVENTS = cast(Table, GuardEvent.__table__)
 PROBE_EFFECTS = cast(Table, ProbeEffect.__table__)
 PROBE_EFFECT_LOG = cast(Table, ProbeEffectLog.__table__)
+EVENTS = cast(Table, StoredEvent.__table__)
 
 
 class AgentState(Base):

@@ -1,0 +1,376 @@
+"""Events between agents: an outbox in the results database, relayed to
+subscribers as guarded tasks.
+
+Why our own and not a message bus: Celery has no subscriptions (its signals
+are in-process), and a kombu fanout exchange delivers only to consumers
+connected when it is published and cannot commit with the database
+transaction whose effect the event announces. fleetworks promises that an
+event exists if and only if the effect it announces committed, and that
+every subscriber's effect happens once per event. So:
+
+* **Emitting** writes the event into ``events`` with the same connection as
+  the run's effects and its ``succeeded`` row (:meth:`RunContext.emit
+  <fleetworks.context.RunContext.emit>`): a run that fails, retries or is
+  refused as stale rolls its events back with its effects. Its id is derived
+  from the run's agent, idempotency key and the emit's index, so the same
+  run cannot store an event twice. :func:`publish` does the same for
+  application code, in the application's own transaction when it passes its
+  connection; a publish with an id already stored is a no-op that says so.
+* **Relaying** (:class:`Relay`, ``fleetworks relay``, started by ``up``)
+  reads events not yet relayed, in the order they were stored, sends one
+  task per matching subscriber and marks them relayed in one transaction.
+  A relay killed after sending and before marking sends them again; each
+  subscriber task's idempotency key is ``<subscriber>|<event id>``, so the
+  second delivery is a counted duplicate, never a second effect. Any number
+  of relays may run: on PostgreSQL they split the pending events
+  (``FOR UPDATE SKIP LOCKED``); on SQLite the database's single writer
+  serialises them. A relay wakes when a run that emitted commits (a Redis
+  message on :data:`WAKE_CHANNEL`) and looks every ``poll_s`` anyway, so a
+  lost wake-up costs latency, never an event.
+* **Subscribing**: an agent declared with ``AgentSpec(on=[topics], where=...)``
+  receives :class:`Event` payloads; runs of one event key are serialised by
+  a lease on ``<subscriber>|<event key>``.
+
+The lost-message window of kombu's Redis transport (a message popped by a
+worker whose connection then drops) applies to subscriber tasks as to any
+task; ``fleetworks events replay`` sends a subscriber its events again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final
+
+import redis
+from celery import Celery
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import Connection, insert, select, update
+
+from fleetworks import message
+from fleetworks.db import is_postgres, transaction, upsert
+from fleetworks.models import EVENTS
+
+if TYPE_CHECKING:
+    from fleetworks.agent import Fleet
+    from fleetworks.context import AgentSpec
+
+log = logging.getLogger(__name__)
+
+#: Redis channel a committed emit publishes to, to wake the relays.
+WAKE_CHANNEL: Final = "fleet:events:wake"
+#: Topic names: dotted words (``ticket.escalated``), at most 200 characters.
+TOPIC_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+MAX_TOPIC_CHARS: Final = 200
+MAX_EVENT_KEY_CHARS: Final = 500
+#: Namespace of the ids of events emitted by runs (uuid5 of agent, key, index).
+_EMIT_NAMESPACE: Final = uuid.UUID("5f1c3c1e-7a4e-4c1b-9a55-2f0b8e6d4a10")
+#: Count: events one relay transaction reads and sends.
+RELAY_BATCH: Final = 500
+#: Seconds a relay waits for a wake-up before it looks anyway.
+RELAY_POLL_S: Final = 1.0
+
+
+class Event(BaseModel):
+    """What a subscriber receives: one stored event, immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    topic: str
+    key: str | None = None
+    data: dict[str, Any]
+    #: The agent whose run emitted it (None: application code) and that run's key.
+    source_agent: str | None = None
+    source_key: str | None = None
+    #: When it was stored (ISO 8601, UTC).
+    created_at: str
+
+
+class EventError(ValueError):
+    """An event that cannot be stored, naming what is wrong with it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """What :func:`publish` did: ``stored`` is False when the id was already stored."""
+
+    event_id: str
+    stored: bool
+
+
+def check(topic: Any, data: Any, key: Any = None) -> None:
+    """Raise :class:`EventError` naming the field if the event cannot be stored."""
+    if not isinstance(topic, str) or not topic:
+        raise EventError(f"topic: must be a non-empty string, got {type(topic).__name__}")
+    if len(topic) > MAX_TOPIC_CHARS or not TOPIC_PATTERN.fullmatch(topic):
+        raise EventError(
+            f"topic: {topic[:60]!r} must be dotted words of letters, digits, '_' or '-' "
+            f"(<= {MAX_TOPIC_CHARS} chars)"
+        )
+    if key is not None and (
+        not isinstance(key, str)
+        or not key
+        or len(key) > MAX_EVENT_KEY_CHARS
+        or message.unstorable_text(key) is not None
+    ):
+        raise EventError(
+            f"key: must be a non-empty string of <= {MAX_EVENT_KEY_CHARS} chars "
+            "without NUL characters"
+        )
+    if not isinstance(data, dict):
+        raise EventError(f"data: must be a JSON object, got {type(data).__name__}")
+    bad = message.unstorable_text(data)
+    if bad is not None:
+        raise EventError(f"data: {bad}: text must be valid Unicode without NUL characters")
+    try:
+        json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise EventError(f"data: not JSON: {exc}") from None
+
+
+def emitted_id(agent: str, idempotency_key: str, index: int) -> str:
+    """The id of the ``index``-th event a run of ``agent`` on ``idempotency_key`` emits."""
+    return str(uuid.uuid5(_EMIT_NAMESPACE, f"{agent}\x1f{idempotency_key}\x1f{index}"))
+
+
+def store(
+    conn: Connection,
+    topic: str,
+    data: dict[str, Any],
+    *,
+    event_id: str,
+    key: str | None = None,
+    source_agent: str | None = None,
+    source_key: str | None = None,
+    if_new: bool = False,
+) -> bool:
+    """Insert one event with ``conn`` (its transaction decides whether it exists).
+
+    With ``if_new``, an id already stored is left alone and False returned;
+    without, storing it again fails (an emitted event is an effect: a second
+    one is a ``duplicate_effect``).
+    """
+    check(topic, data, key)
+    values = {
+        "event_id": event_id, "topic": topic, "key": key, "data": data,
+        "source_agent": source_agent, "source_key": source_key, "created_at": datetime.now(UTC),
+    }  # fmt: skip
+    if not if_new:
+        conn.execute(insert(EVENTS).values(**values))
+        return True
+    stmt = upsert(conn, EVENTS).values(**values)
+    result = conn.execute(stmt.on_conflict_do_nothing(index_elements=[EVENTS.c.event_id]))
+    return bool(result.rowcount == 1)
+
+
+def publish(
+    topic: str,
+    data: dict[str, Any],
+    *,
+    key: str | None = None,
+    event_id: str | None = None,
+    connection: Connection | None = None,
+    app: Celery | None = None,
+) -> Published:
+    """Store an event from application code; the relay sends it to its subscribers.
+
+    With ``connection`` (a connection to the results database, inside the
+    application's own transaction) the event commits or rolls back with that
+    transaction. Without it, ``app``'s fleet (default: Celery's current app)
+    stores it in a transaction of its own. ``event_id`` (default: a new UUID)
+    makes a resend a no-op: ``Published.stored`` is then False.
+    """
+    from celery import current_app
+
+    from fleetworks.agent import Fleet
+
+    event_id = event_id or str(uuid.uuid4())
+    if connection is not None:
+        return Published(event_id, store(connection, topic, data, key=key,
+                                         event_id=event_id, if_new=True))  # fmt: skip
+    fleet = Fleet.of(app or current_app)
+    with transaction(fleet.settings.database) as conn:
+        stored = store(conn, topic, data, key=key, event_id=event_id, if_new=True)
+    if stored:
+        wake(fleet.locks.client)
+    return Published(event_id, stored)
+
+
+def wake(client: redis.Redis) -> None:
+    """Tell the relays an event was committed (best effort: they also poll)."""
+    try:
+        client.publish(WAKE_CHANNEL, b"1")
+    except redis.RedisError as exc:
+        log.debug("could not wake the relays (%s); they poll", exc)
+
+
+def to_event(row: Any) -> Event:
+    created = row.created_at
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    return Event(
+        id=row.event_id, topic=row.topic, key=row.key, data=row.data,
+        source_agent=row.source_agent, source_key=row.source_key,
+        created_at=created.isoformat(),
+    )  # fmt: skip
+
+
+def subscription_key(subscriber: str, event_id: str) -> str:
+    """The idempotency key of one event's run in one subscriber."""
+    return f"{subscriber}|{event_id}"
+
+
+def subscribers(fleet: Fleet) -> list[AgentSpec]:
+    return [spec for spec in fleet.agents.values() if spec.on]
+
+
+def matches(spec: AgentSpec, event: Event) -> bool:
+    if event.topic not in spec.on:
+        return False
+    if spec.where is None:
+        return True
+    try:
+        return bool(spec.where(event))
+    except Exception:
+        log.exception("%s: filter raised on event %s; not delivered", spec.name, event.id)
+        return False
+
+
+def send(app: Celery, spec: AgentSpec, event: Event, producer: Any = None) -> str:
+    """Send ``event`` to one subscriber; the task id is derived from both."""
+    key = subscription_key(spec.name, event.id)
+    task_id = str(uuid.uuid5(_EMIT_NAMESPACE, key))
+    app.send_task(spec.name, kwargs=message.pack(event.model_dump(), key), task_id=task_id,
+                  producer=producer)  # fmt: skip
+    return task_id
+
+
+class Relay:
+    """Sends stored events to their subscribers; see the module docstring."""
+
+    def __init__(self, fleet: Fleet, *, batch: int = RELAY_BATCH, poll_s: float = RELAY_POLL_S):
+        self.fleet = fleet
+        self.batch = batch
+        self.poll_s = poll_s
+        self.sent = 0
+
+    def relay_once(self) -> int:
+        """Send one batch of pending events; returns how many events it relayed."""
+        app, url = self.fleet.app, self.fleet.settings.database
+        specs = subscribers(self.fleet)
+        with transaction(url) as conn:
+            query = (
+                select(EVENTS)
+                .where(EVENTS.c.relayed_at.is_(None))
+                .order_by(EVENTS.c.position)
+                .limit(self.batch)
+            )
+            if is_postgres(url):
+                query = query.with_for_update(skip_locked=True)
+            rows = conn.execute(query).all()
+            if not rows:
+                return 0
+            with app.producer_or_acquire() as producer:
+                for row in rows:
+                    event = to_event(row)
+                    for spec in specs:
+                        if matches(spec, event):
+                            send(app, spec, event, producer)
+                            self.sent += 1
+            positions = [r.position for r in rows]
+            conn.execute(
+                update(EVENTS)
+                .where(EVENTS.c.position.in_(positions))
+                .values(relayed_at=datetime.now(UTC))
+            )
+        return len(rows)
+
+    def run(self, stop: threading.Event) -> None:
+        """Relay until ``stop`` is set: at once on a wake-up, else every ``poll_s``."""
+        pubsub: Any = None
+        while not stop.is_set():
+            try:
+                while self.relay_once() == self.batch and not stop.is_set():
+                    pass
+            except Exception as exc:
+                log.warning("relay: %s; trying again in %.1fs", exc, self.poll_s)
+                stop.wait(self.poll_s)
+                continue
+            try:
+                if pubsub is None:
+                    pubsub = self.fleet.locks.client.pubsub(  # type: ignore[no-untyped-call]
+                        ignore_subscribe_messages=True
+                    )
+                    pubsub.subscribe(WAKE_CHANNEL)
+                pubsub.get_message(timeout=self.poll_s)
+                while pubsub.get_message(timeout=0) is not None:
+                    pass  # one relay pass answers every wake-up so far
+            except redis.RedisError:
+                pubsub = None
+                stop.wait(self.poll_s)
+        if pubsub is not None:
+            pubsub.close()
+
+
+def replay(
+    fleet: Fleet,
+    subscriber: str,
+    *,
+    since: datetime | None = None,
+    topics: Sequence[str] = (),
+) -> int:
+    """Send ``subscriber`` every stored event it matches again (``since`` a time,
+    of ``topics``); effects already done are skipped and counted. Returns the
+    number of events sent."""
+    spec = fleet.agents.get(subscriber)
+    if spec is None or not spec.on:
+        known = ", ".join(sorted(s.name for s in subscribers(fleet))) or "none"
+        raise KeyError(f"no subscriber named {subscriber!r}; subscribers: {known}")
+    sent = 0
+    for event in stored(fleet.settings.database, topics=topics or spec.on, since=since):
+        if matches(spec, event):
+            send(fleet.app, spec, event)
+            sent += 1
+    return sent
+
+
+def stored(
+    url: str,
+    *,
+    topics: Iterable[str] = (),
+    key: str | None = None,
+    since: datetime | None = None,
+    limit: int | None = None,
+) -> list[Event]:
+    """Stored events, oldest first, of ``topics`` (all when empty), ``key``, since a time."""
+    query = select(EVENTS).order_by(EVENTS.c.position)
+    wanted = list(topics)
+    if wanted:
+        query = query.where(EVENTS.c.topic.in_(wanted))
+    if key is not None:
+        query = query.where(EVENTS.c.key == key)
+    if since is not None:
+        query = query.where(EVENTS.c.created_at >= since)
+    if limit is not None:
+        query = query.limit(limit)
+    with transaction(url) as conn:
+        return [to_event(r) for r in conn.execute(query)]
+
+
+__all__ = [
+    "Event",
+    "EventError",
+    "Published",
+    "Relay",
+    "check",
+    "publish",
+    "replay",
+    "stored",
+]

@@ -1,0 +1,231 @@
+"""Events between agents: the outbox, publishing, the relay and subscribers.
+
+In process, through the plugin's ``fleet`` (real Redis, SQLite): emits go
+through the same guard a worker runs, the relay sends real Celery messages
+and a real worker of the fleet's app (``fleet_worker``) runs the
+subscribers. Effects land in a table without a UNIQUE key, so a double
+shows as two rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, select, update
+
+from fleetworks import AgentSpec, RunContext, events
+from fleetworks.agent import Fleet
+from fleetworks.db import get_engine, transaction
+from fleetworks.events import Event, EventError, Relay
+from fleetworks.models import EVENTS, GUARD_EVENTS, OUTCOMES, EventKind
+from tests.conftest import wait_for
+
+EFFECTS = Table(
+    "test_event_effects",
+    MetaData(),
+    Column("id", Integer, primary_key=True),
+    Column("subscriber", String(100)),
+    Column("event_id", String(200)),
+    Column("event_key", String(200)),
+)
+
+
+class Ticket(BaseModel):
+    id: str
+    sentiment: float
+    fail: bool = False
+    lose_lease: bool = False
+
+
+@pytest.fixture
+def agents(fleet: Fleet) -> Iterator[Fleet]:
+    """A triage agent that emits, and two subscribers that write effects."""
+    EFFECTS.create(get_engine(fleet.settings.database))
+
+    def triage(ctx: RunContext, ticket: Ticket) -> dict[str, Any]:
+        if ticket.sentiment < -0.5:
+            ctx.emit("ticket.escalated", {"ticket": ticket.id}, key=ticket.id)
+        ctx.emit("ticket.triaged", {"ticket": ticket.id}, key=ticket.id)
+        if ticket.fail:
+            raise RuntimeError("triage failed after emitting")
+        if ticket.lose_lease:
+            ctx.lease.lost.set()
+        return {"ticket": ticket.id}
+
+    def record(ctx: RunContext, event: Event) -> None:
+        ctx.db.execute(
+            EFFECTS.insert().values(
+                subscriber=ctx.spec.name, event_id=event.id, event_key=event.key
+            )
+        )
+
+    fleet.agent(AgentSpec(name="test.triage", payload=Ticket, key=lambda t: f"ticket:{t.id}",
+                          max_retries=0))(triage)  # fmt: skip
+    fleet.agent(AgentSpec(name="test.escalation", payload=Event, on=("ticket.escalated",)))(record)
+    fleet.agent(
+        AgentSpec(
+            name="test.audit",
+            payload=Event,
+            on=("ticket.escalated", "ticket.triaged"),
+            where=lambda e: not e.data.get("quiet"),
+        )
+    )(record)
+    yield fleet
+
+
+def stored_events(fleet: Fleet) -> list[Any]:
+    with transaction(fleet.settings.database) as conn:
+        return list(conn.execute(select(EVENTS).order_by(EVENTS.c.position)))
+
+
+def effects(fleet: Fleet) -> list[tuple[str, str]]:
+    with transaction(fleet.settings.database) as conn:
+        rows = conn.execute(select(EFFECTS.c.subscriber, EFFECTS.c.event_id)).all()
+    return sorted((str(s), str(e)) for s, e in rows)
+
+
+def skipped_duplicates(fleet: Fleet) -> int:
+    e = GUARD_EVENTS.c
+    with transaction(fleet.settings.database) as conn:
+        return int(
+            conn.execute(
+                select(func.count()).where(e.kind == EventKind.SKIPPED_DUPLICATE)
+            ).scalar_one()
+        )
+
+
+# --- the outbox ----------------------------------------------------------------
+
+
+def test_an_emit_commits_with_the_runs_success(agents: Fleet, run_agent: Any) -> None:
+    done = run_agent("test.triage", {"id": "t1", "sentiment": -0.9})
+    assert done.status == "succeeded"
+    rows = stored_events(agents)
+    assert [(r.topic, r.key, r.data) for r in rows] == [
+        ("ticket.escalated", "t1", {"ticket": "t1"}),
+        ("ticket.triaged", "t1", {"ticket": "t1"}),
+    ]
+    assert {(r.source_agent, r.source_key) for r in rows} == {("test.triage", "ticket:t1")}
+    assert [r.event_id for r in rows] == [
+        events.emitted_id("test.triage", "ticket:t1", i) for i in (0, 1)
+    ]
+
+
+def test_a_run_that_fails_after_emitting_emits_nothing(agents: Fleet, run_agent: Any) -> None:
+    done = run_agent("test.triage", {"id": "t2", "sentiment": -0.9, "fail": True})
+    assert done.status == "dead"
+    assert stored_events(agents) == []
+
+
+def test_a_stale_run_emits_nothing(agents: Fleet, run_agent: Any) -> None:
+    done = run_agent("test.triage", {"id": "t3", "sentiment": -0.9, "lose_lease": True})
+    assert done.event_kinds == ["stale_write"]
+    assert stored_events(agents) == []
+
+
+def test_a_bad_event_is_refused_naming_the_field(fleet: Fleet) -> None:
+    cases: list[tuple[Any, Any, Any, str]] = [
+        ("", {}, None, "topic: must be a non-empty string"),
+        ("ticket escalated", {}, None, "topic: 'ticket escalated' must be dotted words"),
+        ("t", ["a"], None, "data: must be a JSON object, got list"),
+        ("t", {"a": "x\x00"}, None, "data: a: text must be valid Unicode"),
+        ("t", {"a": float("nan")}, None, "data: not JSON"),
+        ("t", {"a": object()}, None, "data: not JSON"),
+        ("t", {}, "", "key: must be a non-empty string"),
+        ("t", {}, 5, "key: must be a non-empty string"),
+    ]
+    for topic, data, key, reason in cases:
+        with pytest.raises(EventError) as refused:
+            events.publish(topic, data, key=key, app=fleet.app)
+        assert reason in str(refused.value), (topic, data, key, str(refused.value))
+    assert stored_events(fleet) == []
+
+
+def test_a_publish_with_a_stored_id_is_a_no_op_that_says_so(fleet: Fleet) -> None:
+    first = events.publish("order.placed", {"order": 1}, event_id="order-1", app=fleet.app)
+    again = events.publish("order.placed", {"order": 2}, event_id="order-1", app=fleet.app)
+    assert (first.stored, again.stored) == (True, False)
+    assert [r.data for r in stored_events(fleet)] == [{"order": 1}]
+
+
+def test_a_publish_commits_or_rolls_back_with_the_applications_transaction(
+    fleet: Fleet,
+) -> None:
+    engine = get_engine(fleet.settings.database)
+    with pytest.raises(RuntimeError), engine.begin() as conn:
+        events.publish("order.placed", {"order": 1}, connection=conn)
+        raise RuntimeError("the order could not be saved")
+    assert stored_events(fleet) == []
+    with engine.begin() as conn:
+        published = events.publish("order.placed", {"order": 2}, connection=conn)
+    assert [r.event_id for r in stored_events(fleet)] == [published.event_id]
+
+
+def test_a_subscriber_spec_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"payload must be fleetworks\.events\.Event"):
+        AgentSpec(name="x", payload=Ticket, on=("a.b",))
+    with pytest.raises(ValueError, match="key= is required"):
+        AgentSpec(name="x", payload=Ticket)
+    with pytest.raises(ValueError, match="give on=\\[topics\\] too"):
+        AgentSpec(name="x", payload=Ticket, key=str, where=lambda e: True)
+    with pytest.raises(EventError, match="topic"):
+        AgentSpec(name="x", payload=Event, on=("not a topic",))
+
+
+# --- the relay and subscribers ------------------------------------------------
+
+
+def test_every_subscriber_gets_each_matching_event_once_even_when_relayed_twice(
+    agents: Fleet, run_agent: Any, fleet_worker: Any
+) -> None:
+    # Given two tickets triaged: one escalated (2 events), one not (1 event),
+    # and an event the audit's filter declines
+    run_agent("test.triage", {"id": "a", "sentiment": -0.9})
+    run_agent("test.triage", {"id": "b", "sentiment": 0.4})
+    quiet = events.publish("ticket.triaged", {"ticket": "c", "quiet": True}, app=agents.app)
+    relay = Relay(agents)
+    # When the relay sends them
+    assert relay.relay_once() == 4
+    ids = {(r.topic, r.key): r.event_id for r in stored_events(agents)}
+    expected = sorted(
+        [
+            ("test.escalation", ids[("ticket.escalated", "a")]),
+            ("test.audit", ids[("ticket.escalated", "a")]),
+            ("test.audit", ids[("ticket.triaged", "a")]),
+            ("test.audit", ids[("ticket.triaged", "b")]),
+        ]
+    )
+    # Then each subscriber runs each event it matches once
+    wait_for(lambda: effects(agents) == expected, 30, "the subscribers to run")
+    assert quiet.event_id not in {e for _, e in effects(agents)}
+    assert relay.relay_once() == 0, "relayed events are not sent again"
+    # And when a relay is killed after sending, before marking them relayed,
+    # the next pass sends them all again: each is a counted duplicate
+    with transaction(agents.settings.database) as conn:
+        conn.execute(update(EVENTS).values(relayed_at=None))
+    assert relay.relay_once() == 4
+    wait_for(lambda: skipped_duplicates(agents) == 4, 30, "the re-sent events to be skipped")
+    assert effects(agents) == expected
+    with transaction(agents.settings.database) as conn:
+        statuses = conn.execute(
+            select(OUTCOMES.c.status, func.count())
+            .where(OUTCOMES.c.agent.in_(["test.escalation", "test.audit"]))
+            .group_by(OUTCOMES.c.status)
+        ).all()
+    assert dict(statuses) == {"succeeded": 4}
+
+
+def test_replay_sends_a_subscriber_its_events_again_and_nothing_doubles(
+    agents: Fleet, run_agent: Any, fleet_worker: Any
+) -> None:
+    run_agent("test.triage", {"id": "r", "sentiment": -0.9})
+    Relay(agents).relay_once()
+    wait_for(lambda: len(effects(agents)) == 3, 30, "the subscribers to run")
+    assert events.replay(agents, "test.audit") == 2
+    wait_for(lambda: skipped_duplicates(agents) == 2, 30, "the replayed events to be skipped")
+    assert len(effects(agents)) == 3
+    with pytest.raises(KeyError, match=r"subscribers: test\.audit, test\.escalation"):
+        events.replay(agents, "test.triage")
