@@ -107,8 +107,8 @@ def _handle_stop_signals() -> None:
 @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
 @click.option("--no-beat", is_flag=True, help="Do not start beat.")
 def up(no_flower: bool, no_beat: bool) -> None:
-    """The whole fleet on this machine: broker, an autoscaled worker, beat, Flower
-    and the metrics endpoint. Ctrl-C stops it."""
+    """The whole fleet on this machine: broker, an autoscaled worker, the events
+    relay, beat, Flower and the metrics endpoint. Ctrl-C stops it."""
     from fleetworks.metrics import serve
     from fleetworks.services import FleetProcesses, broker, echo
 
@@ -121,6 +121,7 @@ def up(no_flower: bool, no_beat: bool) -> None:
         metrics = serve(app, settings, settings.metrics_address, settings.metrics_port)
         try:
             fleet.worker(autoscale=True)
+            fleet.relay()
             if not no_beat:
                 fleet.beat()
             if not no_flower:
@@ -296,6 +297,89 @@ def dead(agent: str | None, limit: int, as_json: bool) -> None:
             f"{r['id']:>6} {r['agent']:<18} {r['idempotency_key']:<40} tries={r['attempts']}"
         )
         click.echo(f"       {(r['error'] or '').splitlines()[0][:200]}")
+
+
+@main.command()
+def relay() -> None:
+    """Send stored events to their subscribers until stopped (any number may run)."""
+    import threading
+
+    from fleetworks.events import Relay
+    from fleetworks.services import echo, require_broker
+
+    fleet_ = _fleet()
+    require_broker(fleet_.settings)
+    _handle_stop_signals()
+    stop = threading.Event()
+    relay_ = Relay(fleet_)
+    echo(f"relay: sending events of {redact(fleet_.settings.database)} to their subscribers")
+    try:
+        relay_.run(stop)
+    except (KeyboardInterrupt, _Stop):
+        stop.set()
+    echo(f"relay: stopped after {relay_.sent} deliveries")
+
+
+@main.group(invoke_without_command=True)
+@click.option("--topic", "topics", multiple=True, help="Only this topic (repeatable).")
+@click.option("--key", default=None, help="Only events with this key.")
+@click.option("--limit", default=50, show_default=True, help="The newest N.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def events(
+    ctx: click.Context, topics: tuple[str, ...], key: str | None, limit: int, as_json: bool
+) -> None:
+    """Stored events, oldest first (see `fleetworks events replay`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from fleetworks.events import stored
+
+    found = stored(_settings().database, topics=topics, key=key, newest=limit)
+    if as_json:
+        _print_json({"events": [e.model_dump() for e in found]})
+        return
+    if not found:
+        click.echo("no events")
+    for e in found:
+        source = f"{e.source_agent} {e.source_key}" if e.source_agent else "application"
+        click.echo(f"{e.created_at}  {e.topic:<24} key={e.key or '-':<20} {e.id}  from {source}")
+        click.echo(f"    {json.dumps(e.data)[:200]}")
+
+
+@events.command("replay")
+@click.option("--subscriber", required=True, help="The subscribing agent to send them to.")
+@click.option("--since", default=None, help="Only events stored since (ISO 8601, UTC).")
+@click.option("--topic", "topics", multiple=True, help="Only this topic (repeatable).")
+@click.option("--json", "as_json", is_flag=True)
+def events_replay(
+    subscriber: str, since: str | None, topics: tuple[str, ...], as_json: bool
+) -> None:
+    """Send SUBSCRIBER its stored events again; effects already done are skipped
+    and counted (skipped_duplicate)."""
+    from datetime import UTC, datetime
+
+    from fleetworks.events import replay as replay_events
+    from fleetworks.services import require_broker
+
+    when = None
+    if since is not None:
+        try:
+            when = datetime.fromisoformat(since.replace("Z", "+00:00"))
+        except ValueError:
+            raise click.BadParameter(
+                f"{since!r} is not an ISO 8601 time", param_hint="--since"
+            ) from None
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    fleet_ = _fleet()
+    require_broker(fleet_.settings)
+    try:
+        sent = replay_events(fleet_, subscriber, since=when, topics=topics)
+    except KeyError as exc:
+        raise click.BadParameter(str(exc.args[0]), param_hint="--subscriber") from None
+    if as_json:
+        _print_json({"subscriber": subscriber, "sent": sent})
+    else:
+        click.echo(f"sent {sent} event(s) to {subscriber} again")
 
 
 @main.command()

@@ -347,10 +347,11 @@ def stored(
     topics: Iterable[str] = (),
     key: str | None = None,
     since: datetime | None = None,
-    limit: int | None = None,
+    newest: int | None = None,
 ) -> list[Event]:
-    """Stored events, oldest first, of ``topics`` (all when empty), ``key``, since a time."""
-    query = select(EVENTS).order_by(EVENTS.c.position)
+    """Stored events, oldest first, of ``topics`` (all when empty), ``key``, since
+    a time; with ``newest``, only the newest that many."""
+    query = select(EVENTS).order_by(EVENTS.c.position.desc())
     wanted = list(topics)
     if wanted:
         query = query.where(EVENTS.c.topic.in_(wanted))
@@ -358,10 +359,10 @@ def stored(
         query = query.where(EVENTS.c.key == key)
     if since is not None:
         query = query.where(EVENTS.c.created_at >= since)
-    if limit is not None:
-        query = query.limit(limit)
+    if newest is not None:
+        query = query.limit(newest)
     with transaction(url) as conn:
-        return [to_event(r) for r in conn.execute(query)]
+        return [to_event(r) for r in reversed(conn.execute(query).all())]
 
 
 __all__ = [

@@ -5,6 +5,7 @@ the fleet's own processes, started in order and stopped in reverse.
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -82,6 +83,10 @@ class FleetProcesses:
                 self.settings.log_level,
             ),
         )
+
+    def relay(self, name: str = "relay") -> Child:
+        argv = [sys.executable, "-m", "fleetworks", "-A", self.settings.app, "relay"]
+        return self.add(name, argv)
 
     def flower(self) -> Child:
         s = self.settings

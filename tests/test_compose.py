@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 
-SERVICES = ("redis", "postgres", "migrate", "worker", "beat", "flower", "metrics")
-APP_SERVICES = ("migrate", "worker", "beat", "flower", "metrics")
+SERVICES = ("redis", "postgres", "migrate", "worker", "beat", "relay", "flower", "metrics")
+APP_SERVICES = ("migrate", "worker", "beat", "relay", "flower", "metrics")
 BACKING_SERVICES = ("redis", "postgres")
 REQUIRED_ENV = ("FLEET_BROKER_URL", "FLEET_REDIS_URL", "FLEET_DATABASE_URL")
 DEPENDS_CONDITIONS = frozenset(

@@ -27,6 +27,7 @@ CONFIG_MAP = "fleetworks-config"
 SECRET = "fleetworks-secrets"
 WORKER = "fleetworks-worker"
 BEAT = "fleetworks-beat"
+RELAY = "fleetworks-relay"
 FLOWER = "fleetworks-flower"
 METRICS = "fleetworks-metrics"
 IMAGE = "fleetworks:latest"
@@ -291,6 +292,13 @@ def test_worker_command_matches_config(
 def test_beat_is_highly_available(resources: list[dict[str, Any]]) -> None:
     """At least two beat replicas run: one leads, another takes over."""
     assert _find(resources, "Deployment", BEAT)["spec"]["replicas"] >= 2
+
+
+def test_the_events_relay_runs_twice(resources: list[dict[str, Any]]) -> None:
+    """Two relay replicas: any number is safe, and one survives a node."""
+    relay = _find(resources, "Deployment", RELAY)
+    assert relay["spec"]["replicas"] >= 2
+    assert _argv(_containers(relay)[0])[-1] == "relay"
 
 
 def test_scaled_object_targets_worker(resources: list[dict[str, Any]]) -> None:
