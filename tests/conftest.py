@@ -186,6 +186,7 @@ def start_worker(
     ready_app: Any = None,
     autoscale: str | None = None,
     control: bool = False,
+    app_ref: str = "config",
     **env: str,
 ) -> Worker:
     """A worker subprocess on ``queue`` (default: its own), ready to consume;
@@ -203,7 +204,7 @@ def start_worker(
     pool = ["--autoscale", autoscale] if autoscale else ["-c", str(concurrency)]
     queues = ",".join([queue, *([control_queue(queue)] if control else [])])
     argv = celery_argv(
-        "config", "worker", "-n", f"{name}@%h", "-Q", queues, *pool,
+        app_ref, "worker", "-n", f"{name}@%h", "-Q", queues, *pool,
         "--loglevel", "INFO", "--without-mingle", "--without-gossip",
     )  # fmt: skip
     child_env = dict(os.environ, FLEET_DATABASE_URL=database_url, FLEET_QUEUE=queue, **env)

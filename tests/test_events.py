@@ -229,3 +229,78 @@ def test_replay_sends_a_subscriber_its_events_again_and_nothing_doubles(
     assert len(effects(agents)) == 3
     with pytest.raises(KeyError, match=r"subscribers: test\.audit, test\.escalation"):
         events.replay(agents, "test.triage")
+
+
+# --- a real worker and a real relay, the relay killed -----------------------------
+
+
+def test_a_relay_killed_while_relaying_loses_and_doubles_nothing(
+    sqlite_url: str, redis_client: Any, tmp_path: Any
+) -> None:
+    """300 events published while a relay process runs; it is SIGKILLed once
+    with events pending and started again. Every subscriber handles each
+    event it matches once (counted in a ledger without a UNIQUE key)."""
+    import os
+    import signal
+    import sys
+    import time
+    from collections import Counter
+
+    from fleetworks.models import PROBE_EFFECT_LOG
+    from fleetworks.procs import Child
+    from tests.conftest import start_worker, truncate
+
+    truncate(sqlite_url)
+    worker = start_worker(sqlite_url, tmp_path, f"evw{os.getpid()}", app_ref="tests.events_app")
+    env = dict(os.environ, FLEET_DATABASE_URL=sqlite_url, FLEET_QUEUE=worker.queue)
+    argv = [sys.executable, "-m", "fleetworks", "-A", "tests.events_app", "relay"]
+
+    def start_relay(n: int) -> Child:
+        return Child(f"relay{n}", argv, env, log_path=tmp_path / f"relay{n}.log").start()
+
+    def pending() -> int:
+        with transaction(sqlite_url) as conn:
+            return int(
+                conn.execute(select(func.count()).where(EVENTS.c.relayed_at.is_(None))).scalar_one()
+            )
+
+    def runs() -> Counter[str]:
+        log = PROBE_EFFECT_LOG.c
+        with transaction(sqlite_url) as conn:
+            rows = conn.execute(select(log.effect_key, func.count()).group_by(log.effect_key))
+            return Counter({str(k): int(n) for k, n in rows})
+
+    relay = start_relay(1)
+    try:
+        engine = get_engine(sqlite_url)
+        ids: list[str] = []
+        for n in range(300):
+            if n == 150:
+                # When the relay is frozen while 100 events are stored at once,
+                # then thawed and killed 20 ms later, in the middle of its batch
+                relay.signal(signal.SIGSTOP)
+                with engine.begin() as conn:
+                    ids += [
+                        events.publish("test.happened", {"n": n + i}, connection=conn).event_id
+                        for i in range(100)
+                    ]
+                assert pending() >= 100
+                relay.signal(signal.SIGCONT)
+                time.sleep(0.02)  # the test is about the moment: inside the batch
+                relay.signal(signal.SIGKILL)
+                relay.stop(5)
+                relay = start_relay(2)
+            if 150 <= n < 250:
+                continue
+            with engine.begin() as conn:
+                ids.append(events.publish("test.happened", {"n": n}, connection=conn).event_id)
+        # Then every subscriber handles each event it matches once
+        expected = {f"events.audit|{i}" for i in ids} | {
+            f"events.even|{i}" for n, i in enumerate(ids) if n % 2 == 0
+        }
+        wait_for(lambda: set(runs()) == expected, 60, "every event handled")
+        wait_for(lambda: pending() == 0, 10, "every event marked relayed")
+        assert set(runs().values()) == {1}
+    finally:
+        relay.stop(5)
+        worker.child.stop(15)
