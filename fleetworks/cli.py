@@ -109,6 +109,7 @@ def _handle_stop_signals() -> None:
 def up(no_flower: bool, no_beat: bool) -> None:
     """The whole fleet on this machine: broker, an autoscaled worker, the events
     relay, beat, Flower and the metrics endpoint. Ctrl-C stops it."""
+    from fleetworks.ingest import serve as serve_ingest
     from fleetworks.metrics import serve
     from fleetworks.services import FleetProcesses, broker, echo
 
@@ -119,6 +120,7 @@ def up(no_flower: bool, no_beat: bool) -> None:
     with broker(settings) as url:
         fleet = FleetProcesses(settings)
         metrics = serve(app, settings, settings.metrics_address, settings.metrics_port)
+        intake = serve_ingest(fleet_)
         try:
             fleet.worker(autoscale=True)
             fleet.relay()
@@ -132,6 +134,8 @@ def up(no_flower: bool, no_beat: bool) -> None:
                 echo(f"flower   http://{settings.flower_address}:{settings.flower_port}")
             host, port = metrics.server_address[:2]
             echo(f"metrics  http://{host!s}:{port}/metrics")
+            host, port = intake.server_address[:2]
+            echo(f"events   POST http://{host!s}:{port}/events/<topic>")
             low, high = settings.autoscale_min_workers, settings.autoscale_max_workers
             echo(f"workers  pool of {low}..{high} processes, sized by queue depth")
             echo(f"logs     {settings.home / 'logs'}   (Ctrl-C to stop)")
@@ -150,6 +154,7 @@ def up(no_flower: bool, no_beat: bool) -> None:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             metrics.shutdown()
+            intake.shutdown()
             fleet.stop()
     sys.exit(code)
 
@@ -318,6 +323,27 @@ def relay() -> None:
     except (KeyboardInterrupt, _Stop):
         stop.set()
     echo(f"relay: stopped after {relay_.sent} deliveries")
+
+
+@main.command()
+@click.option("--address", default=None, help="[default: FLEET_INGEST_ADDRESS]")
+@click.option("--port", type=int, default=None, help="[default: FLEET_INGEST_PORT]")
+def ingest(address: str | None, port: int | None) -> None:
+    """Take events from outside until stopped: POST /events/<topic> with a JSON object."""
+    from fleetworks.ingest import serve
+    from fleetworks.services import echo
+
+    fleet_ = _fleet()
+    _handle_stop_signals()
+    server = serve(fleet_, address, port)
+    host, bound = server.server_address[:2]
+    auth = "bearer token required" if fleet_.settings.ingest_token else "no token (loopback)"
+    echo(f"ingest: POST http://{host!s}:{bound}/events/<topic> ({auth})")
+    try:
+        while True:
+            time.sleep(3600)
+    except (KeyboardInterrupt, _Stop):
+        server.shutdown()
 
 
 @main.group(invoke_without_command=True)

@@ -38,6 +38,8 @@ MAX_TIME_LIMIT_S: Final = 60.0
 #: TCP port of the Prometheus ``/metrics`` endpoint ``up`` serves (and
 #: ``fleetworks metrics``). 9808: free in Prometheus' port allocation list.
 METRICS_PORT: Final = 9808
+#: The default port of the events ingest endpoint (fleetworks ingest, up).
+INGEST_PORT: Final = 9809
 
 
 class Settings(BaseSettings):
@@ -90,6 +92,14 @@ class Settings(BaseSettings):
     rabbitmq_management_url: SecretStr | None = None
     metrics_address: str = "127.0.0.1"
     metrics_port: int = Field(default=METRICS_PORT, ge=0, le=65535)
+    #: Where ``fleetworks ingest`` (and ``up``) take events from outside
+    #: (``POST /events/<topic>``).
+    ingest_address: str = "127.0.0.1"
+    ingest_port: int = Field(default=INGEST_PORT, ge=0, le=65535)
+    #: Bearer token callers must send; required to listen beyond loopback.
+    ingest_token: SecretStr | None = None
+    #: Largest request body taken, in bytes (413 above it).
+    ingest_max_bytes: int = Field(default=1_048_576, ge=1)
 
     @model_validator(mode="after")
     def _autoscale_bounds(self) -> Settings:
@@ -106,6 +116,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"Flower would listen on {self.flower_address} without authentication: "
                 "set FLEET_FLOWER_BASIC_AUTH=user:password or keep FLEET_FLOWER_ADDRESS=127.0.0.1"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ingest_token_beyond_loopback(self) -> Settings:
+        if self.ingest_address not in LOOPBACK and self.ingest_token is None:
+            raise ValueError(
+                f"ingest would listen on {self.ingest_address} without a token: set "
+                "FLEET_INGEST_TOKEN or keep FLEET_INGEST_ADDRESS=127.0.0.1"
             )
         return self
 

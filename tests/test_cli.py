@@ -38,6 +38,7 @@ def embedded_env(home: Path) -> dict[str, str]:
         FLEET_EMBEDDED_REDIS_PORT=str(free_port()),
         FLEET_FLOWER_PORT=str(free_port()),
         FLEET_METRICS_PORT=str(free_port()),
+        FLEET_INGEST_PORT=str(free_port()),
         FLEET_MENTIONS_POLL_INTERVAL_S="2",
     )
     return env
