@@ -10,7 +10,15 @@ from celery import Celery
 from sqlalchemy import Connection
 
 from fleetworks.db import get_engine
-from fleetworks.events import Event, emitted_id, store, subscription_key
+from fleetworks.events import (
+    Event,
+    Resumed,
+    Waiting,
+    emitted_id,
+    store,
+    store_wait,
+    subscription_key,
+)
 from fleetworks.events import check as check_event
 from fleetworks.locks import Lease
 from fleetworks.timing import lock_ttl_s
@@ -124,6 +132,8 @@ class RunContext:
     _conn: Connection | None = field(default=None, repr=False)
     #: Events this run has emitted (stored in :attr:`db`, not yet committed).
     emitted: list[str] = field(default_factory=list)
+    #: Set on a run that resumes from :meth:`wait_for`: the event, or the timeout.
+    resumed: Resumed | None = None
 
     @property
     def fencing_token(self) -> int:
@@ -160,6 +170,25 @@ class RunContext:
               source_key=self.idempotency_key)  # fmt: skip
         self.emitted.append(event_id)
         return event_id
+
+    def wait_for(
+        self, topic: str, match: dict[str, Any] | None = None, *, timeout_s: float
+    ) -> Waiting:
+        """End this run waiting for an event: return what this returns.
+
+        The wait is stored in :attr:`db` (it exists only if this run commits)
+        and holds no worker. Once, either the first event on ``topic`` whose
+        data has every field of ``match`` arrives, or ``timeout_s`` passes; then
+        this agent runs again with the same payload and :attr:`resumed` set
+        (``resumed.event``, or ``resumed.timed_out``).
+        """
+        payload = self.payload
+        if hasattr(payload, "model_dump"):
+            payload = payload.model_dump(mode="json")
+        return store_wait(
+            self.db, agent=self.spec.name, key=self.idempotency_key, payload=payload,
+            queue=self.queue, topic=topic, match=dict(match or {}), timeout_s=timeout_s,
+        )  # fmt: skip
 
     def close_db(self, *, commit: bool) -> None:
         conn, self._conn = self._conn, None

@@ -30,6 +30,17 @@ every subscriber's effect happens once per event. So:
 * **Subscribing**: an agent declared with ``AgentSpec(on=[topics], where=...)``
   receives :class:`Event` payloads; runs of one event key are serialised by
   a lease on ``<subscriber>|<event key>``.
+* **Waiting**: a run that returns :meth:`RunContext.wait_for
+  <fleetworks.context.RunContext.wait_for>` stores a wait (in its own
+  transaction, like an emit) and holds no worker. The relay resolves it when
+  it relays the first matching event stored after it, or when its deadline
+  passes (checked at every relay pass, at least every ``poll_s``: a timer in
+  the database, not a Celery ETA in a worker's memory, so it survives every
+  process restarting). Both resolve with one conditional UPDATE (``WHERE
+  state = 'waiting'``), so an event and a deadline that race resolve it
+  once; the continuation, a run of the same agent with the same payload and
+  ``ctx.resumed`` set, has the key ``<first key>|wait:<wait id>``, so a
+  continuation sent twice runs once.
 
 The lost-message window of kombu's Redis transport (a message popped by a
 worker whose connection then drops) applies to subscriber tasks as to any
@@ -45,7 +56,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 import redis
@@ -55,7 +66,7 @@ from sqlalchemy import Connection, insert, select, update
 
 from fleetworks import message
 from fleetworks.db import is_postgres, transaction, upsert
-from fleetworks.models import EVENTS
+from fleetworks.models import EVENTS, WAITS
 
 if TYPE_CHECKING:
     from fleetworks.agent import Fleet
@@ -222,6 +233,133 @@ def to_event(row: Any) -> Event:
     )  # fmt: skip
 
 
+#: States of a wait.
+WAITING: Final = "waiting"
+RESOLVED: Final = "resolved"
+TIMED_OUT: Final = "timed_out"
+#: Separator of a continuation's key: ``<first key>|wait:<wait id>``.
+_WAIT_SEP: Final = "|wait:"
+#: Longest wait a run may ask for (a week).
+MAX_WAIT_S: Final = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """What a continuation run resumes with: the matching event, or the timeout."""
+
+    wait_id: int
+    event: Event | None
+
+    @property
+    def timed_out(self) -> bool:
+        return self.event is None
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """What a behaviour returns to end its run waiting (the outcome's result)."""
+
+    wait_id: int
+    topic: str
+    match: dict[str, Any]
+    deadline: str
+
+    def as_result(self) -> dict[str, Any]:
+        return {"waiting": {"wait": self.wait_id, "topic": self.topic, "match": self.match,
+                            "deadline": self.deadline}}  # fmt: skip
+
+
+def root_key(key: str) -> str:
+    """The key of the first run of a chain of waits."""
+    return key.split(_WAIT_SEP, 1)[0]
+
+
+def continuation_key(key: str, wait_id: int) -> str:
+    return f"{root_key(key)}{_WAIT_SEP}{wait_id}"
+
+
+def store_wait(
+    conn: Connection,
+    *,
+    agent: str,
+    key: str,
+    payload: dict[str, Any],
+    queue: str | None,
+    topic: str,
+    match: dict[str, Any],
+    timeout_s: float,
+) -> Waiting:
+    """Store one wait with ``conn`` (it exists only if that transaction commits)."""
+    check(topic, match)
+    if not 0 < timeout_s <= MAX_WAIT_S:
+        raise EventError(f"timeout_s: must be above 0 and at most {MAX_WAIT_S:g}, got {timeout_s}")
+    now = datetime.now(UTC)
+    deadline = now + timedelta(seconds=timeout_s)
+    values = {
+        "agent": agent, "key": key, "root_key": root_key(key), "payload": payload,
+        "queue": queue, "topic": topic, "match": match, "deadline": deadline,
+        "state": WAITING, "created_at": now,
+    }  # fmt: skip
+    wait_id = conn.execute(insert(WAITS).values(**values).returning(WAITS.c.id)).scalar_one()
+    return Waiting(int(wait_id), topic, match, deadline.isoformat())
+
+
+def resumed_from(resume: dict[str, Any] | None) -> Resumed | None:
+    """The :class:`Resumed` a continuation message carries (ValueError if malformed)."""
+    if resume is None:
+        return None
+    wait_id, event = resume.get("wait"), resume.get("event")
+    if not isinstance(wait_id, int) or isinstance(wait_id, bool):
+        raise ValueError("resume.wait: must be an integer")
+    return Resumed(wait_id, None if event is None else Event.model_validate(event))
+
+
+def resumed_for_key(url: str, key: str) -> Resumed | None:
+    """What the continuation run with ``key`` resumes with, from the database:
+    for a continuation republished without it (the reaper, a replay)."""
+    _, sep, tail = key.rpartition(_WAIT_SEP)
+    if not sep or not tail.isdigit():
+        return None
+    with transaction(url) as conn:
+        wait = conn.execute(select(WAITS).where(WAITS.c.id == int(tail))).first()
+        if wait is None or wait.state == WAITING:
+            return None
+        if wait.event_id is None:
+            return Resumed(wait.id, None)
+        row = conn.execute(select(EVENTS).where(EVENTS.c.event_id == wait.event_id)).first()
+    return Resumed(wait.id, to_event(row) if row is not None else None)
+
+
+def _matches_wait(match: dict[str, Any], event: Event) -> bool:
+    return all(k in event.data and event.data[k] == v for k, v in match.items())
+
+
+def _as_utc(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def _resolve(
+    conn: Connection, app: Celery, wait: Any, event: Event | None, producer: Any = None
+) -> bool:
+    """Resolve ``wait`` by ``event`` (None: its deadline) if still waiting, and
+    send its continuation; False when it was already resolved."""
+    state = RESOLVED if event is not None else TIMED_OUT
+    won = conn.execute(
+        update(WAITS)
+        .where((WAITS.c.id == wait.id) & (WAITS.c.state == WAITING))
+        .values(state=state, event_id=event.id if event else None, resolved_at=datetime.now(UTC))
+    ).rowcount
+    if won != 1:
+        return False
+    key = continuation_key(wait.key, wait.id)
+    resume = {"wait": wait.id, "event": event.model_dump() if event else None}
+    options = {"queue": wait.queue} if wait.queue else {}
+    app.send_task(wait.agent, kwargs=message.pack(wait.payload, key, resume),
+                  task_id=str(uuid.uuid5(_EMIT_NAMESPACE, key)), producer=producer,
+                  **options)  # fmt: skip
+    return True
+
+
 def subscription_key(subscriber: str, event_id: str) -> str:
     """The idempotency key of one event's run in one subscriber."""
     return f"{subscriber}|{event_id}"
@@ -259,7 +397,10 @@ class Relay:
         self.fleet = fleet
         self.batch = batch
         self.poll_s = poll_s
+        #: Subscriber tasks sent, waits resolved by an event, waits timed out.
         self.sent = 0
+        self.resolved = 0
+        self.timed_out = 0
 
     def relay_once(self) -> int:
         """Send one batch of pending events; returns how many events it relayed."""
@@ -284,6 +425,7 @@ class Relay:
                         if matches(spec, event):
                             send(app, spec, event, producer)
                             self.sent += 1
+                    self._resolve_waits(conn, event, row.created_at, producer)
             positions = [r.position for r in rows]
             conn.execute(
                 update(EVENTS)
@@ -292,6 +434,41 @@ class Relay:
             )
         return len(rows)
 
+    def _resolve_waits(
+        self, conn: Connection, event: Event, stored_at: datetime, producer: Any
+    ) -> None:
+        """Resolve the waits on ``event``'s topic stored before it that it matches."""
+        waiting = conn.execute(
+            select(WAITS)
+            .where((WAITS.c.state == WAITING) & (WAITS.c.topic == event.topic))
+            .order_by(WAITS.c.id)
+        ).all()
+        for wait in waiting:
+            if (
+                _as_utc(wait.created_at) <= _as_utc(stored_at)
+                and _matches_wait(wait.match, event)
+                and _resolve(conn, self.fleet.app, wait, event, producer)
+            ):
+                self.resolved += 1
+
+    def fire_timers(self) -> int:
+        """Resolve every wait whose deadline has passed; returns how many."""
+        fired = 0
+        with transaction(self.fleet.settings.database) as conn:
+            due = conn.execute(
+                select(WAITS)
+                .where((WAITS.c.state == WAITING) & (WAITS.c.deadline <= datetime.now(UTC)))
+                .order_by(WAITS.c.deadline)
+                .limit(self.batch)
+            ).all()
+            if not due:
+                return 0
+            with self.fleet.app.producer_or_acquire() as producer:
+                for wait in due:
+                    fired += _resolve(conn, self.fleet.app, wait, None, producer)
+        self.timed_out += fired
+        return fired
+
     def run(self, stop: threading.Event) -> None:
         """Relay until ``stop`` is set: at once on a wake-up, else every ``poll_s``."""
         pubsub: Any = None
@@ -299,6 +476,7 @@ class Relay:
             try:
                 while self.relay_once() == self.batch and not stop.is_set():
                     pass
+                self.fire_timers()
             except Exception as exc:
                 log.warning("relay: %s; trying again in %.1fs", exc, self.poll_s)
                 stop.wait(self.poll_s)

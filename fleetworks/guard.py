@@ -102,6 +102,8 @@ class Parsed:
     payload: Any
     raw: dict[str, Any]
     identity: Identity
+    #: Set on a continuation run: what its wait resolved with.
+    resumed: events.Resumed | None = None
 
 
 class Guard:
@@ -152,6 +154,7 @@ class Guard:
                 payload=parsed.payload, idempotency_key=run.key,
                 entity_key=parsed.identity.entity, lease=lease, attempts=attempts,
                 database_url=self.ledger.database_url, queue=delivery.queue, app=self.app,
+                resumed=parsed.resumed,
             )  # fmt: skip
             return self.settle(spec, ctx, run, behaviour)
         finally:
@@ -177,7 +180,14 @@ class Guard:
         problem = _key_problem(identity.key)
         if problem is not None:
             self._reject(spec, delivery, explicit, problem, raw)
-        return Parsed(payload, raw, identity)
+        try:
+            resumed = events.resumed_from(unpacked.resume)
+        except (ValueError, ValidationError) as exc:
+            self._reject(spec, delivery, explicit, f"invalid resume: {exc}", raw)
+        if resumed is None and explicit is not None:
+            # A continuation re-sent without it (the reaper, a replay).
+            resumed = events.resumed_for_key(self.ledger.database_url, explicit)
+        return Parsed(payload, raw, identity, resumed)
 
     def _reject(
         self, spec: AgentSpec, delivery: Delivery, key: str | None, why: str, raw: Any
@@ -245,6 +255,8 @@ class Guard:
     def settle(self, spec: AgentSpec, ctx: RunContext, run: RunId, behaviour: Behaviour) -> Any:
         try:
             result = behaviour(ctx, ctx.payload)
+            if isinstance(result, events.Waiting):
+                result = result.as_result()
             ctx.check_lease()
             self.ledger.settle(ctx.db, run, ctx.fencing_token, result)
         except BaseException as exc:

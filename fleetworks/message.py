@@ -35,6 +35,8 @@ class Parsed:
 
     payload: Any
     key: str | None
+    #: What a continuation run resumes with (see :mod:`fleetworks.events`).
+    resume: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +46,17 @@ class Problem:
     reason: str
 
 
-def pack(payload: Any, key: str | None = None) -> dict[str, Any]:
-    """The keyword arguments of an agent task for ``payload`` and an optional key."""
-    return {"payload": payload} if key is None else {"payload": payload, "key": key}
+def pack(
+    payload: Any, key: str | None = None, resume: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The keyword arguments of an agent task for ``payload``, an optional key
+    and, for a run resuming from a wait, what it resumes with."""
+    kwargs: dict[str, Any] = {"payload": payload}
+    if key is not None:
+        kwargs["key"] = key
+    if resume is not None:
+        kwargs["resume"] = resume
+    return kwargs
 
 
 def unrunnable(problem: str) -> dict[str, Any]:
@@ -58,14 +68,17 @@ def unpack(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> Parsed 
     """The payload and explicit key of a task's raw arguments, or what is wrong with them."""
     if UNRUNNABLE in kwargs:
         return Problem(str(kwargs[UNRUNNABLE]))
-    extra = set(kwargs) - {"payload", "key"}
+    extra = set(kwargs) - {"payload", "key", "resume"}
     if args or extra or "payload" not in kwargs:
         got = f"{len(args)} positional args, keyword args {sorted(kwargs)}"
         return Problem(f"agent tasks take payload=<object> and optional key=<str>; got {got}")
     key = kwargs.get("key")
     if key is not None and not isinstance(key, str):
         return Problem(f"key must be a string, got {type(key).__name__}")
-    return Parsed(kwargs["payload"], key)
+    resume = kwargs.get("resume")
+    if resume is not None and not isinstance(resume, dict):
+        return Problem(f"resume must be an object, got {type(resume).__name__}")
+    return Parsed(kwargs["payload"], key, resume)
 
 
 def describe(exc: ValidationError) -> str:

@@ -168,12 +168,43 @@ class StoredEvent(Base):
     )
 
 
+class StoredWait(Base):
+    """A run that ended waiting for an event (:meth:`RunContext.wait_for
+    <fleetworks.context.RunContext.wait_for>`): resolved once, by a matching
+    event or by its deadline, whichever comes first."""
+
+    __tablename__ = "waits"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    agent: Mapped[str] = mapped_column(String(200))
+    #: The key of the run that waited, and of the first run of its chain.
+    key: Mapped[str] = mapped_column(String(500))
+    root_key: Mapped[str] = mapped_column(String(500))
+    payload: Mapped[Any] = mapped_column(JSON)
+    queue: Mapped[str | None] = mapped_column(String(200))
+    topic: Mapped[str] = mapped_column(String(200))
+    #: Fields the event's data must equal (top level).
+    match: Mapped[Any] = mapped_column(JSON)
+    deadline: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: ``waiting``, then ``resolved`` (by ``event_id``) or ``timed_out``.
+    state: Mapped[str] = mapped_column(String(20))
+    event_id: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_waits_state_topic", "state", "topic"),
+        Index("ix_waits_state_deadline", "state", "deadline"),
+    )
+
+
 #: Core ``Table`` handles, typed, for statements on hot paths.
 OUTCOMES = cast(Table, Outcome.__table__)
 GUARD_EVENTS = cast(Table, GuardEvent.__table__)
 PROBE_EFFECTS = cast(Table, ProbeEffect.__table__)
 PROBE_EFFECT_LOG = cast(Table, ProbeEffectLog.__table__)
 EVENTS = cast(Table, StoredEvent.__table__)
+WAITS = cast(Table, StoredWait.__table__)
 
 
 class AgentState(Base):

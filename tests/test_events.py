@@ -9,6 +9,8 @@ shows as two rows.
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +22,7 @@ from fleetworks import AgentSpec, RunContext, events
 from fleetworks.agent import Fleet
 from fleetworks.db import get_engine, transaction
 from fleetworks.events import Event, EventError, Relay
-from fleetworks.models import EVENTS, GUARD_EVENTS, OUTCOMES, EventKind
+from fleetworks.models import EVENTS, GUARD_EVENTS, OUTCOMES, WAITS, EventKind
 from tests.conftest import wait_for
 
 EFFECTS = Table(
@@ -243,8 +245,6 @@ def test_a_relay_killed_while_relaying_loses_and_doubles_nothing(
     import os
     import signal
     import sys
-    import time
-    from collections import Counter
 
     from fleetworks.models import PROBE_EFFECT_LOG
     from fleetworks.procs import Child
@@ -304,3 +304,147 @@ def test_a_relay_killed_while_relaying_loses_and_doubles_nothing(
     finally:
         relay.stop(5)
         worker.child.stop(15)
+
+
+# --- waiting for an event ----------------------------------------------------------
+
+
+class Assignment(BaseModel):
+    ticket: str
+    timeout_s: float = 30.0
+
+
+@pytest.fixture
+def escalation(agents: Fleet) -> Fleet:
+    """An agent that assigns a ticket, then waits for its acknowledgement."""
+
+    def escalate(ctx: RunContext, job: Assignment) -> Any:
+        if ctx.resumed is None:
+            ctx.db.execute(EFFECTS.insert().values(subscriber="assigned", event_id=job.ticket))
+            return ctx.wait_for(
+                "ticket.acknowledged", {"ticket": job.ticket}, timeout_s=job.timeout_s
+            )
+        how = "acknowledged" if ctx.resumed.event is not None else "timed out"
+        ctx.db.execute(EFFECTS.insert().values(subscriber=how, event_id=job.ticket))
+        return {"ticket": job.ticket, "resumed": how}
+
+    agents.agent(AgentSpec(name="test.escalate", payload=Assignment, key=lambda j: j.ticket))(
+        escalate
+    )
+    return agents
+
+
+def wait_rows(fleet: Fleet) -> list[tuple[str, str | None]]:
+    with transaction(fleet.settings.database) as conn:
+        rows = conn.execute(select(WAITS.c.state, WAITS.c.event_id).order_by(WAITS.c.id)).all()
+    return [(str(s), e) for s, e in rows]
+
+
+def test_a_wait_holds_no_worker_and_is_resolved_once_by_the_matching_event(
+    escalation: Fleet, run_agent: Any, fleet_worker: Any
+) -> None:
+    # Given a run that assigned ticket T-1 and ended waiting for its acknowledgement
+    done = run_agent("test.escalate", {"ticket": "T-1"})
+    assert done.status == "succeeded" and done.outcome["result"]["waiting"]["wait"] == 1
+    assert wait_rows(escalation) == [("waiting", None)]
+    # When another ticket's acknowledgement arrives, then T-1's (twice)
+    relay = Relay(escalation)
+    events.publish("ticket.acknowledged", {"ticket": "T-9"}, app=escalation.app)
+    ack = events.publish("ticket.acknowledged", {"ticket": "T-1"}, app=escalation.app)
+    events.publish("ticket.acknowledged", {"ticket": "T-1", "again": True}, app=escalation.app)
+    relay.relay_once()
+    # Then the wait is resolved by the first matching one, and the agent resumes once
+    assert wait_rows(escalation) == [("resolved", ack.event_id)]
+    wait_for(lambda: ("acknowledged", "T-1") in effects(escalation), 30, "the continuation")
+    assert relay.resolved == 1 and relay.fire_timers() == 0
+    assert effects(escalation) == [("acknowledged", "T-1"), ("assigned", "T-1")]
+    with transaction(escalation.settings.database) as conn:
+        keys = conn.execute(
+            select(OUTCOMES.c.idempotency_key, OUTCOMES.c.status, OUTCOMES.c.result)
+            .where(OUTCOMES.c.agent == "test.escalate")
+            .order_by(OUTCOMES.c.id)
+        ).all()
+    assert [(k, s) for k, s, _ in keys] == [("T-1", "succeeded"), ("T-1|wait:1", "succeeded")]
+    assert keys[1].result == {"ticket": "T-1", "resumed": "acknowledged"}
+
+
+def test_a_wait_times_out_from_the_database_even_after_every_process_restarted(
+    escalation: Fleet, run_agent: Any, fleet_worker: Any
+) -> None:
+    run_agent("test.escalate", {"ticket": "T-2", "timeout_s": 0.5})
+    # A relay that did not exist when the wait was stored fires its timer
+    fresh = Relay(escalation)
+    wait_for(lambda: fresh.fire_timers() == 1, 10, "the deadline to pass")
+    assert wait_rows(escalation) == [("timed_out", None)]
+    wait_for(lambda: ("timed out", "T-2") in effects(escalation), 30, "the continuation")
+    # An acknowledgement after the timeout resumes nothing
+    events.publish("ticket.acknowledged", {"ticket": "T-2"}, app=escalation.app)
+    fresh.relay_once()
+    assert fresh.resolved == 0 and fresh.fire_timers() == 0
+    assert effects(escalation) == [("assigned", "T-2"), ("timed out", "T-2")]
+
+
+def test_an_event_that_arrives_as_the_timer_fires_resumes_once(
+    escalation: Fleet, run_agent: Any, fleet_worker: Any
+) -> None:
+    """The matching event is stored just as the deadline passes; a relay pass
+    and a timer pass race on two threads: one resolves it, one continuation."""
+    import threading
+
+    for i in range(5):
+        ticket = f"R-{i}"
+        run_agent("test.escalate", {"ticket": ticket, "timeout_s": 0.2})
+        assert wait_rows(escalation)[-1] == ("waiting", None)
+        events.publish("ticket.acknowledged", {"ticket": ticket}, app=escalation.app)
+        time.sleep(0.25)  # the test is about the moment: past the deadline
+        a, b = Relay(escalation), Relay(escalation)
+        start = threading.Barrier(2)
+
+        def race(step: Any, start: threading.Barrier = start) -> None:
+            start.wait()
+            step()
+
+        threads = [threading.Thread(target=race, args=(f,)) for f in (a.relay_once, b.fire_timers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert a.resolved + b.timed_out == 1, (a.resolved, b.timed_out)
+        wait_for(
+            lambda t=ticket: any(e == t and s != "assigned" for s, e in effects(escalation)),
+            30,
+            "the continuation",
+        )
+    runs = Counter(e for s, e in effects(escalation) if s != "assigned")
+    assert runs == Counter({f"R-{i}": 1 for i in range(5)})
+
+
+def test_a_wait_both_resolvers_read_as_waiting_is_resolved_by_one(
+    escalation: Fleet, run_agent: Any, fleet_worker: Any
+) -> None:
+    """The interleaving the race above may or may not reach, forced: a relay
+    and a timer pass have both read the wait as waiting; each then resolves it."""
+    run_agent("test.escalate", {"ticket": "B-1", "timeout_s": 30})
+    with transaction(escalation.settings.database) as conn:
+        seen_by_both = conn.execute(select(WAITS)).one()
+    ack = events.publish("ticket.acknowledged", {"ticket": "B-1"}, app=escalation.app)
+    event = events.stored(escalation.settings.database, topics=["ticket.acknowledged"])[0]
+    assert event.id == ack.event_id
+    with transaction(escalation.settings.database) as conn:
+        by_event = events._resolve(conn, escalation.app, seen_by_both, event)
+    with transaction(escalation.settings.database) as conn:
+        by_timer = events._resolve(conn, escalation.app, seen_by_both, None)
+    assert (by_event, by_timer) == (True, False)
+    assert wait_rows(escalation) == [("resolved", ack.event_id)]
+    wait_for(lambda: ("acknowledged", "B-1") in effects(escalation), 30, "the continuation")
+
+
+def test_a_wait_asks_for_a_valid_topic_and_timeout(escalation: Fleet, run_agent: Any) -> None:
+    def bad(ctx: RunContext, job: Assignment) -> Any:
+        return ctx.wait_for("ticket.acknowledged", {"ticket": job.ticket}, timeout_s=job.timeout_s)
+
+    escalation.agent(AgentSpec(name="test.badwait", payload=Assignment, key=lambda j: j.ticket,
+                               max_retries=0))(bad)  # fmt: skip
+    done = run_agent("test.badwait", {"ticket": "X", "timeout_s": 0})
+    assert done.status == "dead" and "timeout_s: must be above 0" in done.outcome["error"]
+    assert wait_rows(escalation) == []
