@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -344,6 +345,30 @@ def ingest(address: str | None, port: int | None) -> None:
             time.sleep(3600)
     except (KeyboardInterrupt, _Stop):
         server.shutdown()
+
+
+@main.command()
+@click.argument(
+    "folder", type=click.Path(exists=True, file_okay=False, dir_okay=True, path_type=Path)
+)
+@click.option("--topic", default="file.uploaded", show_default=True)
+def watch(folder: Path, topic: str) -> None:
+    """Store a TOPIC event for each file content put in FOLDER (once per SHA-256)."""
+    import threading
+
+    from fleetworks.filedrop import watch as watch_folder
+    from fleetworks.services import echo
+
+    fleet_ = _fleet()
+    _handle_stop_signals()
+    stop = threading.Event()
+    echo(f"watch: {folder} -> {topic} events (Ctrl-C to stop)")
+    try:
+        seen = watch_folder(fleet_, folder, stop, topic=topic)
+    except (KeyboardInterrupt, _Stop):
+        stop.set()
+        return
+    echo(f"watch: {seen.stored} stored, {seen.already} already stored")
 
 
 @main.group(invoke_without_command=True)
