@@ -171,7 +171,8 @@ class Fleet:
 
         return bind
 
-    def _import_task_modules(self) -> None:
+    def import_task_modules(self) -> None:
+        """Import the app's task modules once (where its agents are declared)."""
         if not self._imported:
             self.app.loader.import_default_modules()
             self._imported = True
@@ -179,7 +180,7 @@ class Fleet:
     def require_agent(self, name: str) -> AgentSpec:
         """The spec of agent ``name``, or :class:`UnknownAgentError` naming the known ones."""
         if name not in self.agents:
-            self._import_task_modules()
+            self.import_task_modules()
         spec = self.agents.get(name)
         if spec is None:
             raise UnknownAgentError(self._unknown(name))
@@ -189,7 +190,7 @@ class Fleet:
         """Refuse a name that is neither an agent nor another task of the app."""
         if name in self.agents or name in self.app.tasks:
             return
-        self._import_task_modules()
+        self.import_task_modules()
         if name not in self.agents and name not in self.app.tasks:
             raise UnknownAgentError(self._unknown(name))
 

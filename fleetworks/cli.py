@@ -621,6 +621,27 @@ def bench_throughput(tasks: int, rounds: int, as_json: bool) -> None:
         click.echo(render(result))
 
 
+@bench.command("events")
+@click.option("--events", "count", default=1000, show_default=True)
+@click.option("--rounds", default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_events(count: int, rounds: int, as_json: bool) -> None:
+    """Events emitted by one agent and handled by two subscribers, against as many
+    plain Celery tasks on the same pool; prints the ratio and the relay's lag."""
+    from fleetworks.proving.bench_events import render, run_events
+    from fleetworks.services import broker
+
+    _handle_stop_signals()
+    settings = _settings()
+    _migrate(settings)
+    with broker(settings):
+        result = run_events(_fleet().app, settings, events=count, rounds=rounds)
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(render(result))
+
+
 @bench.command("fanout")
 @click.option("--tasks", default=10_000, show_default=True)
 @click.option("--rounds", default=3, show_default=True)

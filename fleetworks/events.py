@@ -394,6 +394,7 @@ class Relay:
     """Sends stored events to their subscribers; see the module docstring."""
 
     def __init__(self, fleet: Fleet, *, batch: int = RELAY_BATCH, poll_s: float = RELAY_POLL_S):
+        fleet.import_task_modules()  # the subscribers live in the app's task modules
         self.fleet = fleet
         self.batch = batch
         self.poll_s = poll_s
@@ -507,6 +508,7 @@ def replay(
     """Send ``subscriber`` every stored event it matches again (``since`` a time,
     of ``topics``); effects already done are skipped and counted. Returns the
     number of events sent."""
+    fleet.import_task_modules()
     spec = fleet.agents.get(subscriber)
     if spec is None or not spec.on:
         known = ", ".join(sorted(s.name for s in subscribers(fleet))) or "none"

@@ -159,6 +159,22 @@ def test_bench_throughput_reports_ratio_against_plain_celery(tmp_path: Path) -> 
     assert costs["sql_statements_per_task"] == pytest.approx(4, abs=0.1)
 
 
+def test_bench_events_handles_every_event_twice_and_reports_ratio_and_lag(
+    tmp_path: Path,
+) -> None:
+    """A short `bench events --json`: both sides measured, every event reached
+    both subscribers once (the run waits for it), lag percentiles ordered."""
+    env = embedded_env(tmp_path / ".fleet")
+    done = fleetworks("bench", "events", "--events", "60", "--rounds", "1", "--json",
+                      env=env, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["events_per_s"] > 0 and result["plain_per_s"] > 0
+    ratio = result["events_per_s"] / result["plain_per_s"]
+    assert result["ratio"] == pytest.approx(ratio, rel=0.01)
+    assert 0 < result["lag_p50_ms"] <= result["lag_p99_ms"]
+
+
 def test_bench_autoscale_grows_the_pool_and_loses_nothing(tmp_path: Path) -> None:
     """A short step load: the pool leaves its minimum, reaches its maximum and
     comes back; no task interrupted, lost or doubled (times are the bench's to report)."""

@@ -10,6 +10,8 @@ It is declared with :func:`fleetworks.shared_agent`, so it joins whichever
 fleet imports this module: the rigs add the module to the workers they start
 (``FLEET_TASK_MODULES``), on any app.
 ``probe.plain`` is its plain-Celery twin, the peer benchmarks compare with.
+``probe.emit`` emits events of ``probe.event`` and ``probe.on_a`` and
+``probe.on_b`` subscribe to them, doing nothing else: the events benchmark.
 ``probe.tick`` is its scheduled form: beat sends it a tick, keyed by the tick
 id, and it writes one ``probe_effect_log`` row per run, so the beat tests
 count how often each slot really ran.
@@ -30,6 +32,7 @@ from sqlalchemy import insert
 from fleetworks.agent import shared_agent
 from fleetworks.claims import now
 from fleetworks.context import AgentSpec, RunContext
+from fleetworks.events import Event
 from fleetworks.models import PROBE_EFFECT_LOG, PROBE_EFFECTS
 from fleetworks.settings import Settings
 
@@ -144,6 +147,35 @@ def run_tick(ctx: RunContext, payload: Tick) -> dict[str, str]:
         time.sleep(payload.work_ms / 1000)
     SqlProbeSink(ctx).record(payload.tick, ctx.fencing_token, unique=False)
     return {"tick": payload.tick}
+
+
+EVENT_TOPIC = "probe.event"
+EMIT = "probe.emit"
+SUBSCRIBERS = ("probe.on_a", "probe.on_b")
+
+
+class Emission(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=200)
+    #: Events the run emits, in its one transaction.
+    count: int = Field(default=1, ge=1, le=100_000)
+
+
+@shared_agent(AgentSpec(name=EMIT, payload=Emission, key=lambda e: f"emit:{e.id}",
+                        time_limit_s=60.0))  # fmt: skip
+def emit_events(ctx: RunContext, emission: Emission) -> dict[str, int]:
+    for i in range(emission.count):
+        ctx.emit(EVENT_TOPIC, {"run": emission.id, "i": i})
+    return {"emitted": emission.count}
+
+
+def _nothing(ctx: RunContext, event: Event) -> None:
+    return None
+
+
+for _name in SUBSCRIBERS:
+    shared_agent(AgentSpec(name=_name, payload=Event, on=(EVENT_TOPIC,)))(_nothing)
 
 
 @shared_task(name=PLAIN, acks_late=True, reject_on_worker_lost=True, ignore_result=True)  # type: ignore[untyped-decorator]
