@@ -31,16 +31,28 @@ class PricingSettings(BaseSettings):
     max_step: float = Field(default=0.05, gt=0, le=1)
 
 
+class SupportSettings(BaseSettings):
+    """``FLEET_SUPPORT_*``: the support agents' escalation."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_SUPPORT_", env_file=".env", extra="ignore")
+
+    #: Seconds an escalation waits for an acknowledgement before it moves on.
+    ack_timeout_s: float = Field(default=900.0, gt=0)
+
+
 settings: Settings = get_settings()
 mentions = MentionsSettings()
 pricing = PricingSettings()
+support = SupportSettings()
 
 __all__ = [
     "MentionsSettings",
     "PricingSettings",
     "Settings",
+    "SupportSettings",
     "mentions",
     "pricing",
     "redact",
     "settings",
+    "support",
 ]

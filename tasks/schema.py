@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -66,4 +68,34 @@ PRICE_CHANGES = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("product_id", "tick", name="ux_price_changes_product_tick"),
     Index("ix_price_changes_tick", "tick"),
+)
+
+#: The support agents' view of each ticket: triaged, then escalated or not.
+SUPPORT_TICKETS = Table(
+    "support_tickets",
+    metadata,
+    Column("ticket_id", String(100), primary_key=True),
+    Column("priority", String(10), nullable=False),
+    Column("sentiment", Float, nullable=False),
+    Column("escalated", Boolean, nullable=False),
+    Column("fencing_token", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+#: One row per escalation attempt of a ticket (UNIQUE): who it was assigned
+#: to, and who acknowledged it, or ``timed_out``.
+SUPPORT_ASSIGNMENTS = Table(
+    "support_assignments",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("ticket_id", String(100), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("person", String(100), nullable=False),
+    #: ``assigned`` -> ``acknowledged`` | ``timed_out``.
+    Column("status", String(20), nullable=False),
+    Column("acknowledged_by", String(100)),
+    Column("fencing_token", BigInteger, nullable=False),
+    Column("assigned_at", DateTime(timezone=True), nullable=False),
+    Column("closed_at", DateTime(timezone=True)),
+    UniqueConstraint("ticket_id", "attempt", name="ux_support_assignments_ticket_attempt"),
 )
