@@ -465,6 +465,14 @@ def replay(outcome_id: int, as_json: bool) -> None:
     default=None,
     help="Seconds between pricing ticks [default: about twice a cycle's expected time].",
 )
+@click.option("--tickets", default=300, show_default=True, help="Support tickets to triage.")
+@click.option(
+    "--ack-timeout",
+    "ack_timeout_s",
+    default=3.0,
+    show_default=True,
+    help="Seconds an escalation waits for its acknowledgement in the demo.",
+)
 @click.option("--timeout", "timeout_s", default=900.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def demo(
@@ -474,19 +482,22 @@ def demo(
     products: int,
     cycles: int,
     interval_s: float | None,
+    tickets: int,
+    ack_timeout_s: float,
     timeout_s: float,
     as_json: bool,
 ) -> None:
-    """A bounded end-to-end run of both agents; exit 0 only if nothing was
-    lost or duplicated. ``--mentions 0`` or ``--products 0`` skips one."""
+    """A bounded end-to-end run of the mentions, pricing and support agents; exit
+    0 only if nothing was lost or duplicated. ``--mentions 0``, ``--products 0``
+    or ``--tickets 0`` skips one."""
     from fleetworks.proving import demo as mentions_demo
-    from fleetworks.proving import demo_pricing
+    from fleetworks.proving import demo_pricing, demo_support
     from fleetworks.services import broker
 
     _handle_stop_signals()
     settings = _settings()
     _migrate(settings)
-    out: dict[str, Any] = {"mentions": None, "pricing": None}
+    out: dict[str, Any] = {"mentions": None, "pricing": None, "support": None}
     text: list[str] = []
     with broker(settings):
         if mentions > 0:
@@ -511,7 +522,14 @@ def demo(
             )
             out["pricing"] = demo_pricing.as_dict(p)
             text.append(demo_pricing.render(p))
-    parts = [r for r in (out["mentions"], out["pricing"]) if r is not None]
+        if tickets > 0:
+            s = demo_support.run_support(
+                _fleet().app, settings, tickets=tickets, ack_timeout_s=ack_timeout_s,
+                timeout_s=timeout_s,
+            )  # fmt: skip
+            out["support"] = demo_support.as_dict(s)
+            text.append(demo_support.render(s))
+    parts = [r for r in (out["mentions"], out["pricing"], out["support"]) if r is not None]
     out["tasks_lost"] = sum(r["tasks_lost"] for r in parts)
     out["effects_duplicated"] = sum(r["effects_duplicated"] for r in parts)
     out["ok"] = bool(parts) and all(r["ok"] for r in parts)

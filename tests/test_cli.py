@@ -62,7 +62,8 @@ def test_demo_on_embedded_default_reports_ok(tmp_path: Path) -> None:
     """`fleetworks demo --json` with nothing configured: real redis-server, SQLite, ok."""
     env = embedded_env(tmp_path / ".fleet")
     done = fleetworks(
-        "demo", "--mentions", "300", "--products", "200", "--interval", "4", "--json",
+        "demo", "--mentions", "300", "--products", "200", "--interval", "4",
+        "--tickets", "150", "--json",
         env=env, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -83,6 +84,7 @@ def test_demo_on_embedded_default_reports_ok(tmp_path: Path) -> None:
     assert all(c["duplicates_suppressed"] >= 1 for c in pricing["cycles"]), "re-sent ticks"
     assert pricing["beat_killed"] is True and pricing["beat_failover_s"] < 10
     assert pricing["price_chain_breaks"] == 0
+    assert_support_section(report["support"], 150)
     # The embedded Redis kept its data (AOF) and the results database under the home.
     assert (tmp_path / ".fleet" / "fleet.db").exists()
     assert any((tmp_path / ".fleet" / "redis").glob("appendonly*"))
@@ -90,6 +92,39 @@ def test_demo_on_embedded_default_reports_ok(tmp_path: Path) -> None:
     port = int(env["FLEET_EMBEDDED_REDIS_PORT"])
     listening = [c for c in psutil.net_connections() if c.status == psutil.CONN_LISTEN and c.laddr]
     assert not any(c.laddr.port == port for c in listening)
+
+
+def assert_support_section(support: dict[str, Any], tickets: int) -> None:
+    """Events, a trigger from outside and waits: each escalation handled once."""
+    assert support["ok"] is True, support
+    assert support["tickets"] == tickets and support["tasks_lost"] == 0
+    assert support["triage_deliveries"] > tickets, "some tickets were delivered twice"
+    assert support["duplicates_suppressed"] >= support["triage_deliveries"] - tickets
+    assert support["escalated"] > 0
+    assert support["events_emitted"] == support["escalation_deliveries"] == support["escalated"]
+    # Every escalation waited; each wait was resolved once, by an
+    # acknowledgement or by its deadline; a first timeout re-escalated once.
+    waits = support["waits_resolved_by_event"] + support["waits_timed_out"]
+    assert waits == support["escalated"] + support["re_escalations"]
+    assert support["waits_resolved_by_event"] == support["acks_posted"] > 0
+    assert support["waits_timed_out"] == support["re_escalations"] + support["unacknowledged"]
+    assert support["effects_duplicated"] == 0
+    assert 0 < support["relay_lag_p50_ms"] <= support["relay_lag_p99_ms"]
+
+
+@pytest.mark.postgres
+def test_the_support_scenario_on_postgresql(tmp_path: Path) -> None:
+    """The events scenario on PostgreSQL (SKIP LOCKED relay, the same waits)."""
+    from tests.test_chaos import chaos_postgres_url
+
+    env = embedded_env(tmp_path / ".fleet")
+    env["FLEET_DATABASE_URL"] = chaos_postgres_url()
+    done = fleetworks(
+        "demo", "--mentions", "0", "--products", "0", "--tickets", "150", "--json",
+        env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_support_section(json.loads(done.stdout)["support"], 150)
 
 
 def test_up_serves_flower_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
