@@ -545,7 +545,7 @@ def demo(
 @click.option(
     "--faults",
     "fault_kinds",
-    default="child-kill,worker-kill,redis-restart,db-pause,stop-cont",
+    default="child-kill,worker-kill,redis-restart,db-pause,stop-cont,relay-kill",
     show_default=True,
     help="Comma-separated fault kinds.",
 )

@@ -4,6 +4,8 @@ The rig is what ``up`` runs: the broker (the embedded Redis, owned by the
 run so it can be restarted), two workers and beat (whose reaper entry
 republishes orphaned claims), supervised so that a killed worker comes back
 after a second. The run publishes N probe tasks with real effects in waves,
+each emitting ``probe.done``, which two subscribers handle through the
+rig's events relay (``probe.done_a``, ``probe.done_b``),
 and before each wave but the first injects one fault
 (:mod:`fleetworks.proving.faults`) while work is in flight. Then it waits for
 every key to settle and counts from the database.
@@ -21,6 +23,7 @@ moment every key that was in flight when it hit had its final outcome.
 from __future__ import annotations
 
 import random
+import sys
 import threading
 import time
 import uuid
@@ -57,7 +60,9 @@ class Rig:
     redis: EmbeddedRedis | None
     workers: list[Child] = field(default_factory=list)
     others: list[Child] = field(default_factory=list)
+    relay: Child | None = None
     restarts: int = 0
+    relay_restarts: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self, count: int = 2) -> None:
@@ -75,20 +80,30 @@ class Rig:
             self.settings.app, "beat", "-s", schedule, "--pidfile=", "--loglevel", "INFO"
         )
         self.others.append(Child("chaos-beat", beat, env, logs / "chaos-beat.log").start())
+        relay = [sys.executable, "-m", "fleetworks", "-A", self.settings.app, "relay"]
+        self.relay = Child("chaos-relay", relay, env, logs / "chaos-relay.log").start()
         threading.Thread(target=self._supervise, daemon=True).start()
 
     def _supervise(self) -> None:
         while not self._stop.wait(0.2):
             for w in self.workers:
-                if not w.alive() and not self._stop.is_set():
-                    time.sleep(RESTART_DELAY_S)
-                    w.stop(0)
-                    w.start()
+                if self._restart(w):
                     self.restarts += 1
+            if self.relay is not None and self._restart(self.relay):
+                self.relay_restarts += 1
+
+    def _restart(self, child: Child) -> bool:
+        if child.alive() or self._stop.is_set():
+            return False
+        time.sleep(RESTART_DELAY_S)
+        child.stop(0)
+        child.start()
+        return True
 
     def stop(self) -> None:
         self._stop.set()
-        stop_all([*self.workers, *self.others], grace_s=15)
+        relay = [self.relay] if self.relay is not None else []
+        stop_all([*self.workers, *self.others, *relay], grace_s=15)
 
 
 @dataclass
@@ -108,6 +123,9 @@ class ChaosReport:
     recovery_s: dict[str, float]
     wall_s: float
     database: str
+    #: Per subscriber of ``probe.done``: handled, lost and duplicated.
+    subscribers: dict[str, dict[str, int]]
+    relay_restarts: int
     ok: bool
     fault_log: list[dict[str, Any]]
 
@@ -182,13 +200,15 @@ def run_chaos(
     url = settings.database
     rig = Rig(settings, redis)
     rig.start()
-    injector = f.Injector(rig.workers, redis, url, rng, db_pause_s=db_pause_s, queue=settings.queue)
+    injector = f.Injector(rig.workers, redis, url, rng, db_pause_s=db_pause_s, queue=settings.queue,
+                          relay=rig.relay)  # fmt: skip
     done: list[f.Fault] = []
     started = time.monotonic()
     try:
         wait_workers(app, [f"{w.name}@{_host()}" for w in rig.workers], timeout_s=60)
         payloads = [
-            {"id": f"{run}-{i}", "work_ms": _work_ms(rng), "unique": False} for i in range(tasks)
+            {"id": f"{run}-{i}", "work_ms": _work_ms(rng), "unique": False, "emit": True}
+            for i in range(tasks)
         ]
         waves = [payloads[i :: len(schedule) + 1] for i in range(len(schedule) + 1)]
         published = 0
@@ -206,6 +226,7 @@ def run_chaos(
                 done.append(fault)
             _wait_settled(url, run, published, time.monotonic() + WAVE_TIMEOUT_S)
         settled = _wait_settled(url, run, tasks, started + timeout_s)
+        _wait_handled(url, run, started + timeout_s)
         injector.wait()
         # A resumed paused holder writes (and is refused) right after SIGCONT.
         time.sleep(RESUME_GRACE_S)
@@ -218,6 +239,7 @@ def run_chaos(
         faults=done,
         settled=settled,
         restarts=rig.restarts,
+        relay_restarts=rig.relay_restarts,
         wall_s=time.monotonic() - started,
     )
 
@@ -257,6 +279,45 @@ def _wait_settled(url: str, run: str, tasks: int, deadline: float) -> dict[str, 
     return settled
 
 
+def _subscribers(url: str, run: str) -> dict[str, dict[str, int]]:
+    """Per subscriber of ``probe.done``: keys of this run it handled (distinct),
+    keys that succeeded and it never handled, and runs beyond one per key."""
+    log = PROBE_EFFECT_LOG.c
+    with transaction(url) as conn:
+        succeeded = set(
+            conn.execute(
+                select(OUTCOMES.c.idempotency_key).where(
+                    _keys_where(run) & (OUTCOMES.c.status == "succeeded")
+                )
+            ).scalars()
+        )
+        out: dict[str, dict[str, int]] = {}
+        for name in probe.DONE_SUBSCRIBERS:
+            rows = conn.execute(
+                select(log.effect_key, func.count())
+                .where(log.effect_key.like(f"{name}|{run}-%"))
+                .group_by(log.effect_key)
+            ).all()
+            handled = {f"probe:{k.split('|', 1)[1]}": int(n) for k, n in rows}
+            out[name] = {
+                "handled": len(handled),
+                "lost": len(succeeded - set(handled)),
+                "duplicated": sum(n - 1 for n in handled.values()),
+            }
+    return out
+
+
+def _wait_handled(url: str, run: str, deadline: float) -> None:
+    """Until every subscriber has handled every succeeded key, or the deadline."""
+    while time.monotonic() < deadline:
+        try:
+            if all(s["lost"] == 0 for s in _subscribers(url, run).values()):
+                return
+        except DBAPIError:
+            pass
+        time.sleep(0.5)
+
+
 def _count(url: str, query: Any) -> int:
     with transaction(url) as conn:
         return int(conn.execute(query).scalar_one())
@@ -276,6 +337,7 @@ def _report(
     settled: dict[str, Any],
     restarts: int,
     wall_s: float,
+    relay_restarts: int = 0,
 ) -> ChaosReport:
     like = f"probe:{run}-%"
     e = GUARD_EVENTS.c
@@ -303,6 +365,8 @@ def _report(
             recovery[fault.kind] = max(recovery.get(fault.kind, 0.0), fault.recovery_s)
     lost = tasks - len(settled)
     succeeded = statuses.get("succeeded", 0)
+    subscribers = _subscribers(url, run)
+    events_ok = all(v["lost"] == 0 and v["duplicated"] == 0 for v in subscribers.values())
     return ChaosReport(
         tasks=tasks,
         faults={k: sum(1 for x in faults if x.kind == k) for k in sorted({x.kind for x in faults})},
@@ -319,7 +383,9 @@ def _report(
         recovery_s=recovery,
         wall_s=round(wall_s, 1),
         database=make_backend(url),
-        ok=lost == 0 and duplicated == 0 and effect_rows == succeeded,
+        subscribers=subscribers,
+        relay_restarts=relay_restarts,
+        ok=lost == 0 and duplicated == 0 and effect_rows == succeeded and events_ok,
         fault_log=[_fault_entry(x) for x in faults],
     )
 
@@ -359,6 +425,12 @@ def render(report: ChaosReport) -> str:
             f"  faults    {faults}; workers restarted {report.worker_restarts}",
             f"  effects   {report.effects} (succeeded {report.succeeded}), duplicated "
             f"{report.effects_duplicated}, stale writes refused {report.stale_writes_refused}",
+            "  events    "
+            + "; ".join(
+                f"{name} handled {v['handled']}, lost {v['lost']}, duplicated {v['duplicated']}"
+                for name, v in report.subscribers.items()
+            )
+            + f"; relay restarted {report.relay_restarts}",
             f"  recovery  max {report.max_recovery_s} s; by kind {report.recovery_s}; "
             f"republished by the reaper {report.republished}",
         ]

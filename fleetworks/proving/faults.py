@@ -9,7 +9,10 @@
   held under an exclusive lock (every writer waits), PostgreSQL refusing new
   connections with every existing one of the database terminated;
 - ``stop-cont``: SIGSTOP of a pool process running a task, past its lease,
-  then SIGCONT: the paused holder comes back after its work was taken over.
+  then SIGCONT: the paused holder comes back after its work was taken over;
+- ``relay-kill``: the events relay frozen while events pile up, thawed and
+  killed 20 ms later (most likely inside a batch: sent, not yet marked),
+  restarted after a second.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from sqlalchemy.engine import make_url
 from fleetworks.embedded import EmbeddedRedis
 from fleetworks.procs import Child
 
-KINDS = ("child-kill", "worker-kill", "redis-restart", "db-pause", "stop-cont")
+KINDS = ("child-kill", "worker-kill", "redis-restart", "db-pause", "stop-cont", "relay-kill")
 
 
 @dataclass
@@ -61,6 +64,8 @@ class Injector:
     background: list[threading.Thread] = field(default_factory=list)
     #: Pool processes paused by stop-cont: not targets until resumed.
     paused: set[int] = field(default_factory=set)
+    #: The events relay (relay-kill), supervised by the rig.
+    relay: Child | None = None
 
     def inject(self, kind: str, busy_pids: list[int]) -> str:
         """Inject one fault of ``kind``; returns what was done."""
@@ -95,6 +100,19 @@ class Injector:
         victim = self.rng.choice(unpaused or alive)
         os.killpg(victim.pid, signal.SIGKILL)
         return f"SIGKILL worker {victim.name} (pid {victim.pid}) and its pool"
+
+    def relay_kill(self, busy_pids: list[int]) -> str:
+        if self.relay is None or not self.relay.alive():
+            return "no live relay"
+        # Frozen for half a second so events pile up, thawed, and killed 20 ms
+        # later: most likely inside the batch it started on them.
+        self.relay.signal(signal.SIGSTOP)
+        time.sleep(0.5)
+        pending = _pending_events(self.database_url)
+        self.relay.signal(signal.SIGCONT)
+        time.sleep(0.02)
+        self.relay.signal(signal.SIGKILL)
+        return f"SIGKILL relay (pid {self.relay.pid}) 20 ms after {pending} event(s) piled up"
 
     def redis_restart(self, busy_pids: list[int]) -> str:
         if self.redis is None:
@@ -207,6 +225,21 @@ def _pool_of(worker: Child) -> set[int]:
         return {p.pid for p in psutil.Process(worker.pid).children()}
     except psutil.NoSuchProcess:
         return set()
+
+
+def _pending_events(url: str) -> int | str:
+    from sqlalchemy import func, select
+
+    from fleetworks.db import transaction
+    from fleetworks.models import EVENTS
+
+    try:
+        with transaction(url) as conn:
+            return int(
+                conn.execute(select(func.count()).where(EVENTS.c.relayed_at.is_(None))).scalar_one()
+            )
+    except Exception as exc:  # the database may be the fault's neighbour
+        return f"unknown ({type(exc).__name__})"
 
 
 def now() -> datetime:

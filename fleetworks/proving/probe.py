@@ -12,6 +12,8 @@ fleet imports this module: the rigs add the module to the workers they start
 ``probe.plain`` is its plain-Celery twin, the peer benchmarks compare with.
 ``probe.emit`` emits events of ``probe.event`` and ``probe.on_a`` and
 ``probe.on_b`` subscribe to them, doing nothing else: the events benchmark.
+A probe with ``emit`` announces its effect as ``probe.done``, which
+``probe.done_a`` and ``probe.done_b`` record (the chaos run's subscribers).
 ``probe.tick`` is its scheduled form: beat sends it a tick, keyed by the tick
 id, and it writes one ``probe_effect_log`` row per run, so the beat tests
 count how often each slot really ran.
@@ -65,6 +67,9 @@ class Probe(BaseModel):
     fail_attempts: int = Field(default=0, ge=0, le=100)
     #: Kill the process running it (a poison message): exercises max_deliveries.
     crash: bool = False
+    #: Emit ``probe.done`` with its effect: ``probe.done_a`` and ``probe.done_b``
+    #: handle it (the chaos run's emitting agent and subscribers).
+    emit: bool = False
 
 
 class ProbeFailure(RuntimeError):
@@ -123,7 +128,25 @@ SPEC = AgentSpec(
 
 @shared_agent(SPEC)
 def run_probe(ctx: RunContext, payload: Probe) -> dict[str, str]:
-    return run(payload, SqlProbeSink(ctx), ctx.fencing_token, attempt=ctx.attempts)
+    result = run(payload, SqlProbeSink(ctx), ctx.fencing_token, attempt=ctx.attempts)
+    if payload.emit:
+        ctx.emit(DONE_TOPIC, {"id": payload.id})
+    return result
+
+
+#: What a probe with ``emit`` announces, and who handles it.
+DONE_TOPIC = "probe.done"
+DONE_SUBSCRIBERS = ("probe.done_a", "probe.done_b")
+
+
+def _handled(ctx: RunContext, event: Event) -> None:
+    """One row per run in the ledger without a UNIQUE key: a double shows."""
+    SqlProbeSink(ctx).record(f"{ctx.spec.name}|{event.data['id']}", ctx.fencing_token,
+                             unique=False)  # fmt: skip
+
+
+for _name in DONE_SUBSCRIBERS:
+    shared_agent(AgentSpec(name=_name, payload=Event, on=(DONE_TOPIC,)))(_handled)
 
 
 class Tick(BaseModel):
