@@ -158,3 +158,12 @@ class Catalogue:
         )  # fmt: skip
         demand = 1 + 0.3 * math.sin(window / 7 + phase) + rng.uniform(-0.1, 0.1)
         return Market(quotes, demand)
+
+
+def price_drop(before: Market, now: Market, threshold: float) -> tuple[int, int] | None:
+    """``(lowest quote before, lowest now)`` when the cheapest competitor fell by
+    more than ``threshold`` (a fraction) from one window to the next, else None."""
+    low_before, low_now = min(before.competitor_cents), min(now.competitor_cents)
+    if low_now < low_before * (1 - threshold):
+        return low_before, low_now
+    return None

@@ -29,6 +29,9 @@ class PricingSettings(BaseSettings):
     interval_s: float = Field(default=30.0, gt=0)
     #: Largest price move per tick, as a fraction of the current price.
     max_step: float = Field(default=0.05, gt=0, le=1)
+    #: A drop of the cheapest competitor's quote, from one window to the next,
+    #: larger than this fraction is announced as ``competitor.price_dropped``.
+    drop_alert: float = Field(default=0.05, gt=0, lt=1)
 
 
 class SupportSettings(BaseSettings):

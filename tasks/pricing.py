@@ -6,7 +6,9 @@ product and the tick, its lock is the product: a tick repeated, or a product
 delivered twice, prices the product once per tick. The reprice reads the
 product's state from the state store, decides, writes the new state with its
 fencing token and records the decision in ``price_changes``, all in the
-transaction that commits the outcome.
+transaction that commits the outcome. When the cheapest competitor dropped by
+more than ``FLEET_PRICING_DROP_ALERT`` since the previous window, it also
+emits ``competitor.price_dropped``, which ``pricing.alert`` records.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from agents import pricing
 from config.settings import pricing as settings
 from fleetworks import AgentSpec, RunContext, Tick, enqueue_many, shared_agent, state
 from fleetworks.claims import now
-from tasks.schema import PRICE_CHANGES
+from fleetworks.events import Event
+from tasks.schema import PRICE_ALERTS, PRICE_CHANGES
 
 POLL = "pricing.poll"
 REPRICE = "pricing.reprice"
+ALERT = "pricing.alert"
+PRICE_DROPPED = "competitor.price_dropped"
 
 
 class PricingTick(Tick):
@@ -96,6 +101,13 @@ def reprice(ctx: RunContext, job: pricing.Reprice) -> dict[str, Any]:
         ctx.db, REPRICE, product.product_id, next_state,
         fencing_token=ctx.fencing_token, writer=ctx.worker,
     )  # fmt: skip
+    dropped = pricing.price_drop(
+        catalogue(0).market(product, job.window - 1), market, settings.drop_alert
+    )
+    if dropped is not None:
+        data = {"product": product.product_id, "tick": job.tick,
+                "from_cents": dropped[0], "to_cents": dropped[1]}  # fmt: skip
+        ctx.emit(PRICE_DROPPED, data, key=product.product_id)
     ctx.db.execute(
         insert(PRICE_CHANGES).values(
             product_id=product.product_id,
@@ -109,3 +121,21 @@ def reprice(ctx: RunContext, job: pricing.Reprice) -> dict[str, Any]:
     )
     return {"price_cents": decided[0].price_cents, "version": written.version,
             "limited_by": decided[0].limited_by, "conflicts": conflicts}  # fmt: skip
+
+
+@shared_agent(AgentSpec(name=ALERT, payload=Event, on=(PRICE_DROPPED,)))
+def alert(ctx: RunContext, event: Event) -> dict[str, Any]:
+    """Record one alert per announcement (UNIQUE on the event id)."""
+    d = event.data
+    ctx.db.execute(
+        insert(PRICE_ALERTS).values(
+            event_id=event.id,
+            product_id=d["product"],
+            tick=d["tick"],
+            from_cents=d["from_cents"],
+            to_cents=d["to_cents"],
+            fencing_token=ctx.fencing_token,
+            created_at=now(),
+        )
+    )
+    return {"product": d["product"], "drop_cents": d["from_cents"] - d["to_cents"]}

@@ -99,3 +99,18 @@ SUPPORT_ASSIGNMENTS = Table(
     Column("closed_at", DateTime(timezone=True)),
     UniqueConstraint("ticket_id", "attempt", name="ux_support_assignments_ticket_attempt"),
 )
+
+#: The price-drop alert agent's effect: one alert per announcement (UNIQUE).
+PRICE_ALERTS = Table(
+    "price_alerts",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("event_id", String(200), nullable=False, unique=True),
+    Column("product_id", String(100), nullable=False),
+    Column("tick", String(300), nullable=False),
+    Column("from_cents", Integer, nullable=False),
+    Column("to_cents", Integer, nullable=False),
+    Column("fencing_token", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_price_alerts_tick", "tick"),
+)

@@ -84,6 +84,9 @@ def test_demo_on_embedded_default_reports_ok(tmp_path: Path) -> None:
     assert all(c["duplicates_suppressed"] >= 1 for c in pricing["cycles"]), "re-sent ticks"
     assert pricing["beat_killed"] is True and pricing["beat_failover_s"] < 10
     assert pricing["price_chain_breaks"] == 0
+    # Competitor price drops announced by the pricing agent, each alerted once
+    assert sum(c["price_drops_emitted"] for c in pricing["cycles"]) > 0
+    assert all(c["alerts_recorded"] == c["price_drops_emitted"] for c in pricing["cycles"])
     assert_support_section(report["support"], 150)
     # The embedded Redis kept its data (AOF) and the results database under the home.
     assert (tmp_path / ".fleet" / "fleet.db").exists()

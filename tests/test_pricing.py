@@ -12,7 +12,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from agents.pricing import Catalogue, Market, Product, Rails, Strategy, decide, target
+from agents.pricing import (
+    Catalogue,
+    Market,
+    Product,
+    Rails,
+    Strategy,
+    decide,
+    price_drop,
+    target,
+)
 from fleetworks.db import transaction
 from fleetworks.models import AGENT_STATE_HISTORY, OUTCOMES
 from tasks.schema import PRICE_CHANGES
@@ -75,6 +84,18 @@ def test_a_price_at_its_target_stays_there(case: tuple[Product, Market]) -> None
     assert product.rails.floor_cents <= goal <= product.rails.ceiling_cents
     decision = decide(goal, product, market)
     assert decision.price_cents == goal and decision.limited_by is None
+
+
+@given(before=markets, now=markets, threshold=st.floats(min_value=0.01, max_value=0.5))
+def test_a_price_drop_is_the_cheapest_quote_falling_past_the_threshold(
+    before: Market, now: Market, threshold: float
+) -> None:
+    dropped = price_drop(before, now, threshold)
+    low_before, low_now = min(before.competitor_cents), min(now.competitor_cents)
+    if low_now < low_before * (1 - threshold):
+        assert dropped == (low_before, low_now)
+    else:
+        assert dropped is None
 
 
 def test_bad_rails_are_refused_with_what_is_wrong() -> None:

@@ -29,7 +29,7 @@ from sqlalchemy import func, select
 
 from fleetworks import constants as c
 from fleetworks.db import transaction
-from fleetworks.models import GUARD_EVENTS, OUTCOMES, TERMINAL, EventKind
+from fleetworks.models import EVENTS, GUARD_EVENTS, OUTCOMES, TERMINAL, EventKind
 from fleetworks.procs import Child, wait_workers
 from fleetworks.redisconn import get_redis
 from fleetworks.services import FleetProcesses, echo
@@ -57,6 +57,10 @@ class Cycle:
     duplicates_suppressed: int
     state_conflicts_retried: int
     effects_duplicated: int
+    #: ``competitor.price_dropped`` events the cycle emitted, and the alerts
+    #: ``pricing.alert`` recorded for them (one each, UNIQUE on the event).
+    price_drops_emitted: int = 0
+    alerts_recorded: int = 0
 
 
 @dataclass
@@ -113,6 +117,30 @@ def settled_count(url: str, tick: str) -> int:
         )
 
 
+def drops_and_alerts(url: str, tick: str) -> tuple[int, int]:
+    """Price-drop events the cycle ``tick`` emitted, and alerts recorded for it."""
+    from tasks.schema import PRICE_ALERTS
+
+    with transaction(url) as conn:
+        drops = conn.execute(
+            select(func.count()).where(
+                (EVENTS.c.topic == "competitor.price_dropped")
+                & (EVENTS.c.data["tick"].as_string() == tick)
+            )
+        ).scalar_one()
+        alerts = conn.execute(select(func.count()).where(PRICE_ALERTS.c.tick == tick)).scalar_one()
+    return int(drops), int(alerts)
+
+
+def wait_for_alerts(url: str, ticks: list[str], timeout_s: float = 30.0) -> None:
+    """Until every price drop of ``ticks`` has its alert (the relay runs behind)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(d == a for d, a in (drops_and_alerts(url, t) for t in ticks)):
+            return
+        time.sleep(0.25)
+
+
 def measure_cycle(url: str, tick: str, products: int, poll: tuple[Any, ...]) -> Cycle:
     p = _prices()
     with transaction(url) as conn:
@@ -147,6 +175,8 @@ def measure_cycle(url: str, tick: str, products: int, poll: tuple[Any, ...]) -> 
         + int(events.get(EventKind.SKIPPED_LOCKED, 0)),
         state_conflicts_retried=conflicts,
         effects_duplicated=duplicated,
+        price_drops_emitted=drops_and_alerts(url, tick)[0],
+        alerts_recorded=drops_and_alerts(url, tick)[1],
     )
 
 
@@ -199,6 +229,7 @@ class Run:
 
     def start(self) -> list[Child]:
         self.fleet.worker("pricing-worker")
+        self.fleet.relay("pricing-relay")
         beats = [self.fleet.beat("pricing-beat-a"), self.fleet.beat("pricing-beat-b")]
         wait_workers(self.app, [f"pricing-worker@{self.fleet.hostname}"], timeout_s=60)
         return beats
@@ -259,6 +290,7 @@ def run_pricing(
                     echo(f"pricing demo: cycle {len(done)} ({tick}) settled")
             time.sleep(0.5)
         time.sleep(1.0)  # duplicates re-sent late are still being skipped
+        wait_for_alerts(url, done)
         polls = poll_ticks(url)
         run.report.cycles = [measure_cycle(url, t, products, polls[t]) for t in done]
     finally:
@@ -274,9 +306,11 @@ def summarize(
     report.effects_duplicated = sum(cy.effects_duplicated for cy in report.cycles)
     report.wall_s = round(wall_s, 1)
     every_product = all(cy.products_priced == report.products for cy in report.cycles)
+    every_alert = all(cy.alerts_recorded == cy.price_drops_emitted for cy in report.cycles)
     report.ok = (
         len(done) >= cycles
         and every_product
+        and every_alert
         and report.tasks_lost == 0
         and report.effects_duplicated == 0
         and report.price_chain_breaks == 0
@@ -298,6 +332,7 @@ def render(report: PricingReport) -> str:
             f"  cycle {i}  priced {cy.products_priced}  in {cy.cycle_wall_s} s "
             f"(fan-out {cy.fan_out_s} s)  lost {cy.tasks_lost}  duplicated "
             f"{cy.effects_duplicated}  duplicates suppressed {cy.duplicates_suppressed}  "
+            f"price drops {cy.price_drops_emitted} alerted {cy.alerts_recorded}  "
             f"state conflicts retried {cy.state_conflicts_retried}"
         )
     lines.append(f"  price chain breaks {report.price_chain_breaks}")
