@@ -71,5 +71,7 @@ def test_a_fleet_worker_reaps_dead_pool_children_with_the_pools_own_method() -> 
     app = create_app(Settings(broker_url=BROKER_URL, redis_url=LOCKS_URL), name="contract")
     assert kombu_redis.PromptReap in app.steps["worker"]
     assert callable(AsynPool.maintain_pool)
-    assert kombu_redis.PromptReap.requires == (f"{components.__name__}:Pool",)
+    # (a worker started in this process resolves the name into the step itself)
+    (needs,) = kombu_redis.PromptReap.requires
+    assert needs in (f"{components.__name__}:Pool", components.Pool)
     assert hasattr(components, "Pool")
