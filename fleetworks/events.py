@@ -29,7 +29,10 @@ every subscriber's effect happens once per event. So:
   lost wake-up costs latency, never an event.
 * **Subscribing**: an agent declared with ``AgentSpec(on=[topics], where=...)``
   receives :class:`Event` payloads; runs of one event key are serialised by
-  a lease on ``<subscriber>|<event key>``.
+  a lease on ``<subscriber>|<event key>``, and in order: a run whose key has
+  an earlier event (by ``position``) the subscriber has not handled is put
+  back with a short back-off (``deferred``), never given up, so the earlier
+  one goes first.
 * **Waiting**: a run that returns :meth:`RunContext.wait_for
   <fleetworks.context.RunContext.wait_for>` stores a wait (in its own
   transaction, like an emit) and holds no worker. The relay resolves it when
@@ -66,7 +69,7 @@ from sqlalchemy import Connection, insert, select, update
 
 from fleetworks import message
 from fleetworks.db import is_postgres, transaction, upsert
-from fleetworks.models import EVENTS, WAITS
+from fleetworks.models import EVENTS, OUTCOMES, TERMINAL, WAITS
 
 if TYPE_CHECKING:
     from fleetworks.agent import Fleet
@@ -102,6 +105,9 @@ class Event(BaseModel):
     source_key: str | None = None
     #: When it was stored (ISO 8601, UTC).
     created_at: str
+    #: Its place in the order events were stored: a key's events reach each
+    #: subscriber in this order.
+    position: int | None = None
 
 
 class EventError(ValueError):
@@ -229,7 +235,7 @@ def to_event(row: Any) -> Event:
     return Event(
         id=row.event_id, topic=row.topic, key=row.key, data=row.data,
         source_agent=row.source_agent, source_key=row.source_key,
-        created_at=created.isoformat(),
+        created_at=created.isoformat(), position=row.position,
     )  # fmt: skip
 
 
@@ -363,6 +369,35 @@ def _resolve(
 def subscription_key(subscriber: str, event_id: str) -> str:
     """The idempotency key of one event's run in one subscriber."""
     return f"{subscriber}|{event_id}"
+
+
+def earlier_unhandled(url: str, spec: AgentSpec, event: Event) -> str | None:
+    """The id of the earliest event of ``event``'s key, stored before it, that
+    ``spec`` subscribes to and has not handled yet; None when there is none."""
+    if event.key is None or event.position is None:
+        return None
+    with transaction(url) as conn:
+        rows = conn.execute(
+            select(EVENTS)
+            .where(
+                (EVENTS.c.key == event.key)
+                & (EVENTS.c.position < event.position)
+                & EVENTS.c.topic.in_(spec.on)
+            )
+            .order_by(EVENTS.c.position)
+        ).all()
+        earlier = [e for e in (to_event(r) for r in rows) if matches(spec, e)]
+        if not earlier:
+            return None
+        keys = {subscription_key(spec.name, e.id): e.id for e in earlier}
+        done = set(
+            conn.execute(
+                select(OUTCOMES.c.idempotency_key).where(
+                    OUTCOMES.c.idempotency_key.in_(list(keys)) & OUTCOMES.c.status.in_(TERMINAL)
+                )
+            ).scalars()
+        )
+    return next((keys[k] for k in keys if k not in done), None)
 
 
 def subscribers(fleet: Fleet) -> list[AgentSpec]:

@@ -10,6 +10,7 @@
 2. **lease**: a Redis lease on the entity with a fencing token, renewed by
    the process heartbeat while the run lasts. On contention a key already
    done is a counted duplicate; otherwise the retry policy decides.
+   A subscriber's event waits here behind an earlier event of its key.
 3. **claim**: the key's row in the results database, one statement. A key
    already done is skipped; a key claimed too often is ``dead``; a claim
    that finds a higher token than Redis handed out (Redis lost its data)
@@ -148,6 +149,7 @@ class Guard:
         run = RunId(spec.name, parsed.identity.key, delivery.task_id, delivery.worker)
         lease = self.lease(spec, delivery, parsed, run)
         try:
+            self._in_order(spec, delivery, parsed, run)
             attempts = self.claim(spec, delivery, parsed, run, lease)
             ctx = RunContext(
                 spec=spec, task_id=delivery.task_id, worker=delivery.worker,
@@ -211,6 +213,19 @@ class Guard:
             self._end(run, EventKind.SKIPPED_LOCKED, f"entity {entity!r}: {decision.reason}")
         assert isinstance(decision, Retry)
         self.ledger.event(run, EventKind.LOCK_CONTENDED, f"entity {entity!r} is locked")
+        raise RetryRequested(decision.countdown, decision.reason)
+
+    def _in_order(self, spec: AgentSpec, delivery: Delivery, parsed: Parsed, run: RunId) -> None:
+        """A subscriber runs one key's events in the order they were stored."""
+        if not spec.on or parsed.resumed is not None:
+            return
+        earlier = events.earlier_unhandled(self.ledger.database_url, spec, parsed.payload)
+        if earlier is None:
+            return
+        facts = Facts(Situation.OUT_OF_ORDER, retries=delivery.retries)
+        decision = self.policy.decide(spec, facts)
+        assert isinstance(decision, Retry)
+        self.ledger.event(run, EventKind.DEFERRED, f"after event {earlier} of its key")
         raise RetryRequested(decision.countdown, decision.reason)
 
     def _release(self, lease: Lease) -> None:

@@ -67,6 +67,8 @@ class EventKind(StrEnum):
     LOCK_CONTENDED = "lock_contended"
     DUPLICATE_EFFECT = "duplicate_effect"
     STALE_WRITE = "stale_write"
+    #: A subscriber's run put back behind an earlier event of its key.
+    DEFERRED = "deferred"
 
 
 class Outcome(Base):

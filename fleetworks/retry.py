@@ -62,6 +62,12 @@ UNREACHABLE_BACKOFF_MAX_S: Final = 3.0
 UNREACHABLE_WAIT_S: Final = 20.0
 
 
+#: Seconds: back-off of a subscriber run deferred behind an earlier event of
+#: its key (first, and cap): short, the earlier run is usually just ahead.
+ORDER_BACKOFF_BASE_S: Final = 0.1
+ORDER_BACKOFF_MAX_S: Final = 2.0
+
+
 def backoff(attempt: int, base_s: float, cap_s: float) -> float:
     """Exponential back-off with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
     return random.uniform(0, backoff_bound(attempt, base_s, cap_s))
@@ -77,6 +83,8 @@ class Situation(StrEnum):
     FAILED = "failed"
     CONTENDED = "contended"
     UNREACHABLE = "unreachable"
+    #: A subscriber's event whose key has an earlier event it has not handled.
+    OUT_OF_ORDER = "out_of_order"
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +147,11 @@ class RetryPolicy:
                 return self._contended(spec, facts)
             case Situation.UNREACHABLE:
                 return self._unreachable(spec, facts)
+            case Situation.OUT_OF_ORDER:
+                # Never given up: the earlier event is on its way (or is
+                # replayed); skipping this one would lose it.
+                wait = backoff(facts.retries, ORDER_BACKOFF_BASE_S, ORDER_BACKOFF_MAX_S)
+                return Retry(wait, "an earlier event of this key is not handled yet")
 
     @staticmethod
     def _delivered(spec: AgentSpec, facts: Facts) -> Decision:

@@ -236,6 +236,41 @@ def test_replay_sends_a_subscriber_its_events_again_and_nothing_doubles(
         events.replay(agents, "test.triage")
 
 
+def test_a_subscriber_handles_one_keys_events_in_the_order_they_were_stored(
+    agents: Fleet, run_agent: Any
+) -> None:
+    """The third event of a key, delivered first, is put back until the first
+    two are handled; events of another key are not held up."""
+    for n in range(3):
+        events.publish("ticket.escalated", {"n": n}, key="K", app=agents.app)
+    other = events.publish("ticket.escalated", {"n": 9}, key="L", app=agents.app)
+    stored_ = {e.data["n"]: e for e in events.stored(agents.settings.database)}
+
+    def deliver(n: int) -> Any:
+        event = stored_[n]
+        return run_agent("test.escalation", event.model_dump(),
+                         key=f"test.escalation|{event.id}")  # fmt: skip
+
+    # The third first: deferred (a Celery retry), nothing claimed, nothing done
+    third = deliver(2)
+    assert third.retry is not None and third.event_kinds == ["deferred"]
+    assert third.outcome is None or third.outcome["status"] != "succeeded"
+    # Another key is not held up
+    assert deliver(9).status == "succeeded" and other.stored
+    # The first, then the second, then the third again
+    assert deliver(0).status == "succeeded"
+    assert deliver(2).retry is not None, "still behind the second"
+    assert deliver(1).status == "succeeded"
+    assert deliver(2).status == "succeeded"
+    with transaction(agents.settings.database) as conn:
+        order = conn.execute(
+            select(EFFECTS.c.event_id)
+            .where(EFFECTS.c.subscriber == "test.escalation")
+            .order_by(EFFECTS.c.id)
+        ).scalars()
+        assert list(order) == [stored_[n].id for n in (9, 0, 1, 2)]
+
+
 # --- a real worker and a real relay, the relay killed -----------------------------
 
 
