@@ -9,7 +9,13 @@ from config.settings import settings
 from fleetworks import create_app, fleet_of
 
 #: This deployment's task modules: one per agent.
-TASK_MODULES = ["tasks.mentions", "tasks.pricing", "tasks.support", "fleetworks.proving.probe"]
+TASK_MODULES = [
+    "tasks.mentions",
+    "tasks.pricing",
+    "tasks.support",
+    "tasks.uploads",
+    "fleetworks.proving.probe",
+]
 
 app = create_app(
     settings,

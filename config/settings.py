@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -43,19 +45,35 @@ class SupportSettings(BaseSettings):
     ack_timeout_s: float = Field(default=900.0, gt=0)
 
 
+class UploadsSettings(BaseSettings):
+    """``FLEET_UPLOADS_*``: the upload scanner's folders."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_UPLOADS_", env_file=".env", extra="ignore")
+
+    #: The folder ``fleetworks watch`` watches; event paths are relative to it.
+    dir: Path = Path(".fleet/uploads")
+    #: Where infected files are moved (outside the watched folder).
+    quarantine_dir: Path = Path(".fleet/quarantine")
+    #: Files larger than this are not read (verdict ``oversized``).
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+
+
 settings: Settings = get_settings()
 mentions = MentionsSettings()
 pricing = PricingSettings()
 support = SupportSettings()
+uploads = UploadsSettings()
 
 __all__ = [
     "MentionsSettings",
     "PricingSettings",
     "Settings",
     "SupportSettings",
+    "UploadsSettings",
     "mentions",
     "pricing",
     "redact",
     "settings",
     "support",
+    "uploads",
 ]

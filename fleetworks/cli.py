@@ -466,6 +466,7 @@ def replay(outcome_id: int, as_json: bool) -> None:
     help="Seconds between pricing ticks [default: about twice a cycle's expected time].",
 )
 @click.option("--tickets", default=300, show_default=True, help="Support tickets to triage.")
+@click.option("--files", default=60, show_default=True, help="Files to drop for the scanner.")
 @click.option(
     "--ack-timeout",
     "ack_timeout_s",
@@ -483,21 +484,22 @@ def demo(
     cycles: int,
     interval_s: float | None,
     tickets: int,
+    files: int,
     ack_timeout_s: float,
     timeout_s: float,
     as_json: bool,
 ) -> None:
-    """A bounded end-to-end run of the mentions, pricing and support agents; exit
-    0 only if nothing was lost or duplicated. ``--mentions 0``, ``--products 0``
-    or ``--tickets 0`` skips one."""
+    """A bounded end-to-end run of the mentions, pricing, support and upload
+    agents; exit 0 only if nothing was lost or duplicated. ``--mentions 0``,
+    ``--products 0``, ``--tickets 0`` or ``--files 0`` skips one."""
     from fleetworks.proving import demo as mentions_demo
-    from fleetworks.proving import demo_pricing, demo_support
+    from fleetworks.proving import demo_pricing, demo_support, demo_uploads
     from fleetworks.services import broker
 
     _handle_stop_signals()
     settings = _settings()
     _migrate(settings)
-    out: dict[str, Any] = {"mentions": None, "pricing": None, "support": None}
+    out: dict[str, Any] = {"mentions": None, "pricing": None, "support": None, "uploads": None}
     text: list[str] = []
     with broker(settings):
         if mentions > 0:
@@ -522,6 +524,10 @@ def demo(
             )
             out["pricing"] = demo_pricing.as_dict(p)
             text.append(demo_pricing.render(p))
+        if files > 0:
+            u = demo_uploads.run_uploads(_fleet().app, settings, files=files, timeout_s=timeout_s)
+            out["uploads"] = demo_uploads.as_dict(u)
+            text.append(demo_uploads.render(u))
         if tickets > 0:
             s = demo_support.run_support(
                 _fleet().app, settings, tickets=tickets, ack_timeout_s=ack_timeout_s,
@@ -529,7 +535,7 @@ def demo(
             )  # fmt: skip
             out["support"] = demo_support.as_dict(s)
             text.append(demo_support.render(s))
-    parts = [r for r in (out["mentions"], out["pricing"], out["support"]) if r is not None]
+    parts = [r for r in (out[k] for k in ("mentions", "pricing", "support", "uploads")) if r]
     out["tasks_lost"] = sum(r["tasks_lost"] for r in parts)
     out["effects_duplicated"] = sum(r["effects_duplicated"] for r in parts)
     out["ok"] = bool(parts) and all(r["ok"] for r in parts)

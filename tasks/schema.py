@@ -114,3 +114,17 @@ PRICE_ALERTS = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_price_alerts_tick", "tick"),
 )
+
+#: The upload scanner's effect: one verdict per file content (UNIQUE).
+FILE_SCANS = Table(
+    "file_scans",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("sha256", String(64), nullable=False, unique=True),
+    Column("path", String(500), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    #: clean | infected | empty | oversized
+    Column("verdict", String(20), nullable=False),
+    Column("fencing_token", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)

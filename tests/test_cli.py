@@ -63,7 +63,7 @@ def test_demo_on_embedded_default_reports_ok(tmp_path: Path) -> None:
     env = embedded_env(tmp_path / ".fleet")
     done = fleetworks(
         "demo", "--mentions", "300", "--products", "200", "--interval", "4",
-        "--tickets", "150", "--json",
+        "--tickets", "150", "--files", "40", "--json",
         env=env, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -88,6 +88,11 @@ def test_demo_on_embedded_default_reports_ok(tmp_path: Path) -> None:
     assert sum(c["price_drops_emitted"] for c in pricing["cycles"]) > 0
     assert all(c["alerts_recorded"] == c["price_drops_emitted"] for c in pricing["cycles"])
     assert_support_section(report["support"], 150)
+    uploads = report["uploads"]
+    assert uploads["ok"] is True and uploads["files_dropped"] == 40
+    assert uploads["tasks_lost"] == 0 and uploads["effects_duplicated"] == 0
+    assert uploads["distinct_contents"] < 40, "some files were copies"
+    assert uploads["quarantined"] == uploads["verdicts"]["infected"] > 0
     # The embedded Redis kept its data (AOF) and the results database under the home.
     assert (tmp_path / ".fleet" / "fleet.db").exists()
     assert any((tmp_path / ".fleet" / "redis").glob("appendonly*"))
@@ -123,7 +128,8 @@ def test_the_support_scenario_on_postgresql(tmp_path: Path) -> None:
     env = embedded_env(tmp_path / ".fleet")
     env["FLEET_DATABASE_URL"] = chaos_postgres_url()
     done = fleetworks(
-        "demo", "--mentions", "0", "--products", "0", "--tickets", "150", "--json",
+        "demo", "--mentions", "0", "--products", "0", "--tickets", "150", "--files", "0",
+        "--json",
         env=env, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
