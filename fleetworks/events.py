@@ -24,9 +24,12 @@ every subscriber's effect happens once per event. So:
   second delivery is a counted duplicate, never a second effect. Any number
   of relays may run: on PostgreSQL they split the pending events
   (``FOR UPDATE SKIP LOCKED``); on SQLite the database's single writer
-  serialises them. A relay wakes when a run that emitted commits (a Redis
-  message on :data:`WAKE_CHANNEL`) and looks every ``poll_s`` anyway, so a
-  lost wake-up costs latency, never an event.
+  serialises them. A relay wakes when an event commits: on PostgreSQL through
+  ``LISTEN`` on :data:`PG_CHANNEL` (the storing transaction notifies it, an
+  application's own included), and on any database through a Redis message
+  on :data:`WAKE_CHANNEL` that a run which emitted publishes after its
+  commit; it looks every ``poll_s`` anyway, so a lost wake-up costs
+  latency, never an event.
 * **Subscribing**: an agent declared with ``AgentSpec(on=[topics], where=...)``
   receives :class:`Event` payloads; runs of one event key are serialised by
   a lease on ``<subscriber>|<event key>``, and in order: a run whose key has
@@ -52,6 +55,7 @@ task; ``fleetworks events replay`` sends a subscriber its events again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -65,7 +69,8 @@ from typing import TYPE_CHECKING, Any, Final
 import redis
 from celery import Celery
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, insert, select, text, update
+from sqlalchemy.engine import make_url
 
 from fleetworks import message
 from fleetworks.db import is_postgres, transaction, upsert
@@ -79,6 +84,8 @@ log = logging.getLogger(__name__)
 
 #: Redis channel a committed emit publishes to, to wake the relays.
 WAKE_CHANNEL: Final = "fleet:events:wake"
+#: PostgreSQL channel every transaction that stores an event notifies.
+PG_CHANNEL: Final = "fleet_events"
 #: Topic names: dotted words (``ticket.escalated``), at most 200 characters.
 TOPIC_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 MAX_TOPIC_CHARS: Final = 200
@@ -181,10 +188,22 @@ def store(
     }  # fmt: skip
     if not if_new:
         conn.execute(insert(EVENTS).values(**values))
+        _notify(conn)
         return True
     stmt = upsert(conn, EVENTS).values(**values)
-    result = conn.execute(stmt.on_conflict_do_nothing(index_elements=[EVENTS.c.event_id]))
-    return bool(result.rowcount == 1)
+    stmt = stmt.on_conflict_do_nothing(index_elements=[EVENTS.c.event_id])
+    # RETURNING, not rowcount: a driver may not report rows of an upsert.
+    stored = conn.execute(stmt.returning(EVENTS.c.position)).first() is not None
+    if stored:
+        _notify(conn)
+    return stored
+
+
+def _notify(conn: Connection) -> None:
+    """On PostgreSQL, wake the relays when this transaction commits (NOTIFY is
+    delivered at commit, once per transaction, and never on a rollback)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": PG_CHANNEL})
 
 
 def publish(
@@ -437,6 +456,9 @@ class Relay:
         self.sent = 0
         self.resolved = 0
         self.timed_out = 0
+        #: Set once the relay listens for wake-ups (Redis; PostgreSQL's NOTIFY).
+        self.listening = threading.Event()
+        self.listening_postgres = threading.Event()
 
     def relay_once(self) -> int:
         """Send one batch of pending events; returns how many events it relayed."""
@@ -507,8 +529,14 @@ class Relay:
 
     def run(self, stop: threading.Event) -> None:
         """Relay until ``stop`` is set: at once on a wake-up, else every ``poll_s``."""
-        pubsub: Any = None
+        woken = threading.Event()
+        listeners = [self._listen_redis]
+        if is_postgres(self.fleet.settings.database):
+            listeners.append(self._listen_postgres)
+        for listen in listeners:
+            threading.Thread(target=listen, args=(stop, woken), daemon=True).start()
         while not stop.is_set():
+            woken.clear()  # a wake-up during the pass below brings the next one at once
             try:
                 while self.relay_once() == self.batch and not stop.is_set():
                     pass
@@ -517,20 +545,46 @@ class Relay:
                 log.warning("relay: %s; trying again in %.1fs", exc, self.poll_s)
                 stop.wait(self.poll_s)
                 continue
+            woken.wait(self.poll_s)
+
+    def _listen_redis(self, stop: threading.Event, woken: threading.Event) -> None:
+        """Wake-ups from runs that emitted and committed (any database)."""
+        while not stop.is_set():
+            pubsub: Any = None
             try:
-                if pubsub is None:
-                    pubsub = self.fleet.locks.client.pubsub(  # type: ignore[no-untyped-call]
-                        ignore_subscribe_messages=True
-                    )
-                    pubsub.subscribe(WAKE_CHANNEL)
-                pubsub.get_message(timeout=self.poll_s)
-                while pubsub.get_message(timeout=0) is not None:
-                    pass  # one relay pass answers every wake-up so far
+                pubsub = self.fleet.locks.client.pubsub(  # type: ignore[no-untyped-call]
+                    ignore_subscribe_messages=True
+                )
+                pubsub.subscribe(WAKE_CHANNEL)
+                self.listening.set()
+                while not stop.is_set():
+                    if pubsub.get_message(timeout=1.0) is not None:
+                        woken.set()
             except redis.RedisError:
-                pubsub = None
                 stop.wait(self.poll_s)
-        if pubsub is not None:
-            pubsub.close()
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(redis.RedisError):
+                        pubsub.close()
+
+    def _listen_postgres(self, stop: threading.Event, woken: threading.Event) -> None:
+        """PostgreSQL's own wake-up: every transaction that stored an event
+        notifies :data:`PG_CHANNEL` as it commits, an application's too."""
+        import psycopg
+
+        dsn = make_url(self.fleet.settings.database).set(drivername="postgresql")
+        while not stop.is_set():
+            try:
+                with psycopg.connect(dsn.render_as_string(hide_password=False),
+                                     autocommit=True) as conn:  # fmt: skip
+                    conn.execute(f"LISTEN {PG_CHANNEL}")
+                    self.listening_postgres.set()
+                    while not stop.is_set():
+                        for _ in conn.notifies(timeout=1.0):
+                            woken.set()
+            except psycopg.Error as exc:
+                log.debug("relay: LISTEN %s failed (%s); polling meanwhile", PG_CHANNEL, exc)
+                stop.wait(self.poll_s)
 
 
 def replay(

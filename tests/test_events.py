@@ -153,6 +153,19 @@ def test_a_publish_with_a_stored_id_is_a_no_op_that_says_so(fleet: Fleet) -> Non
     assert [r.data for r in stored_events(fleet)] == [{"order": 1}]
 
 
+def test_a_resend_is_a_no_op_that_says_so_on_each_database(database_url: str) -> None:
+    engine = get_engine(database_url)
+    outcomes = []
+    for n in (1, 2):
+        with engine.begin() as conn:
+            outcomes.append(
+                events.publish("order.placed", {"n": n}, event_id="order-9", connection=conn)
+            )
+    assert [p.stored for p in outcomes] == [True, False]
+    with transaction(database_url) as conn:
+        assert conn.execute(select(EVENTS.c.data)).scalars().all() == [{"n": 1}]
+
+
 def test_a_publish_commits_or_rolls_back_with_the_applications_transaction(
     fleet: Fleet,
 ) -> None:
@@ -486,3 +499,50 @@ def test_a_wait_asks_for_a_valid_topic_and_timeout(escalation: Fleet, run_agent:
     done = run_agent("test.badwait", {"ticket": "X", "timeout_s": 0})
     assert done.status == "dead" and "timeout_s: must be above 0" in done.outcome["error"]
     assert wait_rows(escalation) == []
+
+
+# --- waking the relay ---------------------------------------------------------------
+
+
+def test_a_committed_event_wakes_the_relay_long_before_it_would_look(database_url: str) -> None:
+    """With a 60 s poll, only a wake-up relays an event within seconds: on
+    PostgreSQL the NOTIFY of the application's own transaction, on SQLite the
+    Redis message a fleet's publish sends after its commit."""
+    import threading
+    import uuid
+
+    from fleetworks.app import create_app, fleet_of
+    from fleetworks.settings import Settings
+    from tests.conftest import BROKER_URL, LOCKS_URL
+
+    settings = Settings(broker_url=BROKER_URL, redis_url=LOCKS_URL, database_url=database_url,
+                        queue=f"wake-{uuid.uuid4().hex[:6]}")  # fmt: skip
+    fleet = fleet_of(create_app(settings, name=f"wake-{uuid.uuid4().hex[:6]}"))
+    relay, stop = Relay(fleet, poll_s=60.0), threading.Event()
+    thread = threading.Thread(target=relay.run, args=(stop,), daemon=True)
+    thread.start()
+    postgres = database_url.startswith("postgresql")
+    try:
+        (relay.listening_postgres if postgres else relay.listening).wait(10)
+        time.sleep(0.2)  # the first pass (nothing pending) is over; the relay waits
+        if postgres:
+            with get_engine(database_url).begin() as conn:
+                published = events.publish("order.placed", {"n": 1}, connection=conn)
+        else:
+            published = events.publish("order.placed", {"n": 1}, app=fleet.app)
+
+        def relayed() -> bool:
+            with transaction(database_url) as conn:
+                return (
+                    conn.execute(
+                        select(EVENTS.c.relayed_at).where(EVENTS.c.event_id == published.event_id)
+                    ).scalar_one()
+                    is not None
+                )
+
+        started = time.monotonic()
+        wait_for(relayed, 10, "the relay to wake")
+        assert time.monotonic() - started < 5
+    finally:
+        stop.set()
+        thread.join(5)
