@@ -114,7 +114,8 @@ def assert_support_section(support: dict[str, Any], tickets: int) -> None:
     # acknowledgement or by its deadline; a first timeout re-escalated once.
     waits = support["waits_resolved_by_event"] + support["waits_timed_out"]
     assert waits == support["escalated"] + support["re_escalations"]
-    assert support["waits_resolved_by_event"] == support["acks_posted"] > 0
+    # (an acknowledgement posted just after its wait timed out resolves nothing)
+    assert 0 < support["waits_resolved_by_event"] <= support["acks_posted"]
     assert support["waits_timed_out"] == support["re_escalations"] + support["unacknowledged"]
     assert support["effects_duplicated"] == 0
     assert 0 < support["relay_lag_p50_ms"] <= support["relay_lag_p99_ms"]
