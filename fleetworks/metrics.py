@@ -13,6 +13,10 @@
   workers consuming the queue, as they last reported (absent if none does:
   on Kubernetes the replica count is the HPA's own metric).
 
+and what the fleet did, counted from the results database
+(:mod:`fleetworks.ledger_metrics`): outcomes by agent and status, guard
+events, dead letters, runs in progress, events and waits.
+
 ``GET /scale?queue=NAME`` returns the same for one queue as JSON, with
 ``load = backlog + running``: the value KEDA's ``metrics-api`` trigger
 divides by its target, which is the policy's own formula.
@@ -39,6 +43,7 @@ from prometheus_client.registry import Collector
 from fleetworks import constants as c
 from fleetworks.autoscale.depth import DepthProbe, QueueDepth, probe_for
 from fleetworks.autoscale.policy import Policy
+from fleetworks.ledger_metrics import LedgerCollector
 from fleetworks.redisconn import get_redis
 from fleetworks.settings import Settings
 
@@ -162,6 +167,7 @@ def serve(app: Celery, settings: Settings, address: str, port: int) -> Threading
     state = FleetState(app, settings, [settings.queue])
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(state))
+    registry.register(LedgerCollector(settings.database))
     server = ThreadingHTTPServer((address, port), _handler(state, registry))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="fleet-metrics", daemon=True).start()
