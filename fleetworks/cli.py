@@ -434,6 +434,28 @@ def events_replay(
 
 
 @main.command()
+@click.argument("key")
+@click.option("--json", "as_json", is_flag=True)
+def timeline(key: str, as_json: bool) -> None:
+    """Everything recorded for KEY (an idempotency key or entity), in time order:
+    claims, outcomes, failed attempts, stale refusals, events, waits, state versions."""
+    from fleetworks.timeline import timeline as entries_of
+
+    entries = entries_of(_settings().database, key)
+    if as_json:
+        _print_json({"key": key, "entries": [e.as_dict() for e in entries]})
+        return
+    if not entries:
+        click.echo(f"nothing recorded for {key!r}")
+    for e in entries:
+        token = f" token={e.token}" if e.token is not None else ""
+        who = f" by {e.worker}" if e.worker else ""
+        click.echo(f"{e.at or '-':<33} {e.what:<22} {e.agent or '-'} {e.key or '-'}{who}{token}")
+        if e.detail:
+            click.echo(f"{'':<34}{e.detail.splitlines()[0][:160]}")
+
+
+@main.command()
 @click.argument("outcome_id", type=int)
 @click.option("--json", "as_json", is_flag=True)
 def replay(outcome_id: int, as_json: bool) -> None:

@@ -101,6 +101,10 @@ class Ledger:
         with transaction(self.database_url) as conn:
             if isinstance(error, IntegrityError):
                 self._event(conn, run, EventKind.DUPLICATE_EFFECT, str(error.orig))
+            elif not dead:
+                # The row keeps only the latest attempt: the event keeps each one.
+                detail = f"token {token}: {type(error).__name__}: {error}"
+                self._event(conn, run, EventKind.ATTEMPT_FAILED, detail[:2000])
             claims.finish(
                 conn, idempotency_key=run.key, fencing_token=token,
                 status=Status.DEAD if dead else Status.FAILED,

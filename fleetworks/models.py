@@ -69,6 +69,8 @@ class EventKind(StrEnum):
     STALE_WRITE = "stale_write"
     #: A subscriber's run put back behind an earlier event of its key.
     DEFERRED = "deferred"
+    #: A run that raised and will be retried (its error; the key stays ``failed``).
+    ATTEMPT_FAILED = "attempt_failed"
 
 
 class Outcome(Base):
