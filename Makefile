@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 DEPS   := pyproject.toml constraints.txt
 
-.PHONY: install dev up demo test test-slow test-dates lint bench clean
+.PHONY: install dev tools up demo test test-slow test-dates lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
+# promtool, prometheus, chromium, chromedriver: see scripts/install-test-tools.
+tools:
+	bash scripts/install-test-tools
+
 dev: $(VENV)/.installed-dev
 
 up: install
@@ -36,17 +40,17 @@ lint: dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+test: lint tools
 	$(BIN)/python -m pytest -m "not slow"
 
-test-slow: dev
+test-slow: dev tools
 	$(BIN)/python -m pytest -m slow
 
 # The suite with the wall clock of every Python process it starts moved
 # (tests/clock/sitecustomize.py, time-machine; the servers keep theirs): a
 # leap day, a year end crossed during the run, and a month end.
 DATES := "2028-02-29 11:50:00" "2026-12-31 23:55:00" "2027-06-30 23:58:00"
-test-dates: dev
+test-dates: dev tools
 	set -e; for at in $(DATES); do \
 	  offset=$$(( $$(date -u -d "$$at" +%s) - $$(date -u +%s) )); \
 	  echo "== the suite at $$at UTC (clock moved by $$offset s)"; \
