@@ -6,7 +6,8 @@ from pathlib import Path
 
 from beat_schedule import schedule
 from config.settings import settings
-from fleetworks import create_app, fleet_of
+from fleetworks import create_app, fleet_of, metrics
+from tasks.pricing_metrics import PricingCollector
 
 #: This deployment's task modules: one per agent.
 TASK_MODULES = [
@@ -25,5 +26,8 @@ app = create_app(
     migrations=str(Path(__file__).with_name("migrations")),
 )
 fleet = fleet_of(app)
+
+# The pricing agent's business figures, served with the fleet's own /metrics.
+metrics.add_collector(PricingCollector)
 
 __all__ = ["app", "fleet"]

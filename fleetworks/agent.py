@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from celery import Celery, Task
 
 from fleetworks import message, reaper
+from fleetworks.constants import SENT_AT_HEADER
 from fleetworks.context import AgentSpec, RunContext
 from fleetworks.guard import Behaviour, Delivery, Guard, RetryRequested
 from fleetworks.ledger import Ledger
@@ -77,6 +78,7 @@ class AgentTask(GuardedTask):
             retries=request.retries or 0,
             queue=info.get("routing_key"),
             delivery_tag=str(info.get("delivery_tag") or ""),
+            sent_at=_sent_at(request),
         )
         try:
             return self.fleet.guard.run(self.agent_spec, type(self).behaviour, delivery)
@@ -197,6 +199,14 @@ class Fleet:
     def _unknown(self, name: str) -> str:
         known = ", ".join(sorted(self.agents)) or "none"
         return f"unknown agent {name!r} for app {self.app.main!r}; known agents: {known}"
+
+
+def _sent_at(request: Any) -> float | None:
+    """The ``fleet_sent_at`` header (Celery exposes custom headers on the request)."""
+    stamp = getattr(request, SENT_AT_HEADER, None)
+    if stamp is None:
+        stamp = (getattr(request, "headers", None) or {}).get(SENT_AT_HEADER)
+    return float(stamp) if isinstance(stamp, int | float) and not isinstance(stamp, bool) else None
 
 
 def _agent_run(task: AgentTask, *args: Any, **kwargs: Any) -> Any:

@@ -65,6 +65,7 @@ _CLAIM_COLUMNS = (
     "task_id",
     "worker",
     "queue",
+    "queued_at",
 )
 
 
@@ -92,6 +93,7 @@ def _claim_statement(dialect: str) -> Any:
             "started_at": stmt.excluded.started_at,
             "payload": stmt.excluded.payload,
             "queue": stmt.excluded.queue,
+            "queued_at": stmt.excluded.queued_at,
             "finished_at": None,
             "result": None,
             "reaped_at": None,
@@ -133,8 +135,10 @@ def claim(
     worker: str | None,
     payload: Any = None,
     queue: str | None = None,
+    queued_at: datetime | None = None,
 ) -> Claim:
-    """Claim ``idempotency_key`` for a run holding ``fencing_token``."""
+    """Claim ``idempotency_key`` for a run holding ``fencing_token``; ``queued_at``
+    is when its message was published (the queue wait metric)."""
     row = conn.execute(
         _claim_statement(conn.dialect.name),
         {
@@ -146,6 +150,7 @@ def claim(
             "worker": worker,
             "queue": queue,
             "payload": payload,
+            "queued_at": queued_at,
             "started_at": now(),
         },
     ).first()

@@ -30,9 +30,11 @@ starts again (the policy bounds the wait, then re-queues). Every decision is
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import redis
@@ -65,6 +67,11 @@ STALE = (StaleWriteError, LeaseLostError)
 
 Behaviour = Callable[[RunContext, Any], Any]
 
+#: How a ``stale_write`` event's detail starts: the run found its lease gone
+#: before writing, or the fencing token refused its write (a newer holder).
+LEASE_LOST = "lease lost"
+FENCING_REFUSED = "fencing token refused"
+
 
 class RetryRequested(Exception):
     """The guard wants the task re-queued after ``countdown`` seconds."""
@@ -96,6 +103,8 @@ class Delivery:
     queue: str | None = None
     #: The broker's tag of this delivery: the owner prefix of the lease.
     delivery_tag: str = ""
+    #: When the message was published (epoch seconds), if it says.
+    sent_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +253,7 @@ class Guard:
     ) -> int:
         got = self.ledger.claim(
             run, entity=parsed.identity.entity, token=lease.fencing_token, payload=parsed.raw,
-            queue=delivery.queue,
+            queue=delivery.queue, queued_at=_published_at(delivery.sent_at),
         )  # fmt: skip
         if got.verdict is ClaimVerdict.DUPLICATE:
             kind = (
@@ -307,11 +316,22 @@ class Guard:
 
     def _stale(self, run: RunId, exc: BaseException) -> NoReturn:
         log.warning("%s %s: write refused, %s", run.agent, run.task_id, exc)
-        self._end(run, EventKind.STALE_WRITE, str(exc))
+        cause = LEASE_LOST if isinstance(exc, LeaseLostError) else FENCING_REFUSED
+        self._end(run, EventKind.STALE_WRITE, f"{cause}: {exc}")
 
     def _end(self, run: RunId, kind: EventKind, detail: str) -> NoReturn:
         self.ledger.event(run, kind, detail)
         raise _Ended(kind, detail)
+
+
+def _published_at(sent_at: float | None) -> datetime | None:
+    """The publish time a message carries, or None if it carries none that is usable."""
+    if sent_at is None or not math.isfinite(sent_at) or sent_at <= 0:
+        return None
+    try:
+        return datetime.fromtimestamp(sent_at, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _payload_problem(spec: AgentSpec, raw: Any) -> str | None:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import redis
 
 from fleetworks import constants as c
+from fleetworks import stats
 from fleetworks.locks import EntityLocks, Lease
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class Leadership:
             return False
         self._lease, self._renewed_at = lease, time.monotonic()
         log.warning("beat %s: leading (term %d)", self.identity, lease.fencing_token)
+        if lease.fencing_token > 1:  # someone led before: a change of leader
+            stats.count(self._locks().client, stats.BEAT_FAILOVERS)
         return True
 
     def _unreachable(self, exc: redis.RedisError) -> bool:

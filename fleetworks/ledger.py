@@ -10,7 +10,7 @@ the CLI talk to, the way procrastinate's ``JobManager`` is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, select
@@ -69,13 +69,20 @@ class Ledger:
         return None if found is None else str(found)
 
     def claim(
-        self, run: RunId, *, entity: str, token: int, payload: Any, queue: str | None
+        self,
+        run: RunId,
+        *,
+        entity: str,
+        token: int,
+        payload: Any,
+        queue: str | None,
+        queued_at: datetime | None = None,
     ) -> claims.Claim:
         with transaction(self.database_url) as conn:
             return claims.claim(
                 conn, agent=run.agent, entity_key=entity, idempotency_key=run.key,
                 fencing_token=token, task_id=run.task_id, worker=run.worker,
-                payload=payload, queue=queue,
+                payload=payload, queue=queue, queued_at=queued_at,
             )  # fmt: skip
 
     def declare_dead(self, run: RunId, token: int, reason: str) -> None:

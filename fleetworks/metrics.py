@@ -13,9 +13,20 @@
   workers consuming the queue, as they last reported (absent if none does:
   on Kubernetes the replica count is the HPA's own metric).
 
-and what the fleet did, counted from the results database
-(:mod:`fleetworks.ledger_metrics`): outcomes by agent and status, guard
-events, dead letters, runs in progress, events and waits.
+from the lock store's Redis:
+
+- ``fleetworks_beat_leader``: 1 while a beat holds the leader lease, else 0;
+- ``fleetworks_beat_leader_term``: the leader's term (its fencing token);
+- ``fleetworks_beat_failovers_total``: leaderships won after the first;
+- ``fleetworks_reaper_restored_total``: stranded messages the reaper restored;
+- ``fleetworks_autoscaler_decisions_total{queue,direction}``: pool resizes,
+  ``up`` or ``down`` (:mod:`fleetworks.stats`);
+
+what the fleet did, counted from the results database
+(:mod:`fleetworks.ledger_metrics`): outcomes by agent and status, run
+durations and queue waits, guard events, leases lost and fencing refusals,
+dead letters, runs in progress, events, relay lag and waits; and what the
+deployment adds with :func:`add_collector` (its business figures).
 
 ``GET /scale?queue=NAME`` returns the same for one queue as JSON, with
 ``load = backlog + running``: the value KEDA's ``metrics-api`` trigger
@@ -30,17 +41,19 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import redis
 from celery import Celery
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fleetworks import constants as c
+from fleetworks import stats
 from fleetworks.autoscale.depth import DepthProbe, QueueDepth, probe_for
 from fleetworks.autoscale.policy import Policy
 from fleetworks.ledger_metrics import LedgerCollector
@@ -50,10 +63,23 @@ from fleetworks.settings import Settings
 log = logging.getLogger(__name__)
 
 
+#: Factories of the deployment's own collectors (see :func:`add_collector`).
+_EXTRA: list[Callable[[Settings], Collector]] = []
+
+
+def add_collector(factory: Callable[[Settings], Collector]) -> None:
+    """Serve ``factory(settings)``'s metrics on every ``/metrics`` made after this
+    call: how a deployment adds its business figures (call it where its app is
+    made, so ``fleetworks metrics -A app`` finds it)."""
+    if factory not in _EXTRA:
+        _EXTRA.append(factory)
+
+
 class FleetState:
     """Reads what the metrics report: depth from the broker, pools from Redis."""
 
     def __init__(self, app: Celery, settings: Settings, queues: list[str]) -> None:
+        self.app = app
         self.settings = settings
         self.queues = queues
         management = settings.rabbitmq_management_url
@@ -72,10 +98,13 @@ class FleetState:
         with self._lock:  # one broker connection, shared by request threads
             return self._probe.sample(queues or self.queues)
 
+    def redis(self) -> redis.Redis:
+        s = self.settings
+        return get_redis(s.redis, **s.redis_tls(s.redis))
+
     def actual_workers(self) -> dict[str, int]:
         """queue -> pool processes reported by autoscaled workers consuming it."""
-        s = self.settings
-        client = get_redis(s.redis, **s.redis_tls(s.redis))
+        client = self.redis()
         totals: dict[str, int] = {}
         for key in client.scan_iter(match=c.AUTOSCALE_KEY + "*", count=100):
             report = {_text(k): _text(v) for k, v in client.hgetall(key).items()}
@@ -128,6 +157,36 @@ class FleetCollector(Collector):
             if q in actual:
                 gauges["workers_actual"].add_metric([q], actual[q])
         yield from gauges.values()
+        yield from self._decisions()
+
+    def _decisions(self) -> Iterator[Metric]:
+        client = self.state.redis()
+        counts = stats.read(client)
+        entity = c.BEAT_LEADER_ENTITY + (self.state.app.main or "fleet")
+        held = client.exists(c.LOCK_KEY + entity)
+        term = int(client.get(c.FENCE_KEY + entity) or 0)
+        leader = GaugeMetricFamily("fleetworks_beat_leader", "1 while a beat leads, else 0.")
+        leader.add_metric([], 1 if held else 0)
+        terms = GaugeMetricFamily("fleetworks_beat_leader_term", "The beat leader's term.")
+        terms.add_metric([], term)
+        failovers = CounterMetricFamily(
+            "fleetworks_beat_failovers", "Beat leaderships won after the first."
+        )
+        failovers.add_metric([], counts.get(stats.BEAT_FAILOVERS, 0))
+        restored = CounterMetricFamily(
+            "fleetworks_reaper_restored", "Stranded messages the reaper gave back to their queue."
+        )
+        restored.add_metric([], counts.get(stats.REAPER_RESTORED, 0))
+        decisions = CounterMetricFamily(
+            "fleetworks_autoscaler_decisions", "Pool resizes by the autoscaler, by direction.",
+            labels=["queue", "direction"],
+        )  # fmt: skip
+        for field, n in sorted(counts.items()):
+            kind, _, rest = field.partition(":")
+            if kind == "autoscale":
+                direction, _, queue = rest.partition(":")
+                decisions.add_metric([queue, direction], n)
+        yield from (leader, terms, failovers, restored, decisions)
 
 
 def _handler(state: FleetState, registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:
@@ -168,6 +227,8 @@ def serve(app: Celery, settings: Settings, address: str, port: int) -> Threading
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(state))
     registry.register(LedgerCollector(settings.database))
+    for factory in _EXTRA:
+        registry.register(factory(settings))
     server = ThreadingHTTPServer((address, port), _handler(state, registry))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="fleet-metrics", daemon=True).start()

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from pydantic import ValidationError
 
-from fleetworks import claims, kombu_redis, message
+from fleetworks import claims, kombu_redis, message, stats
 from fleetworks.ledger import REAP_BATCH, Ledger
 from fleetworks.locks import EntityLocks
 from fleetworks.models import Status
@@ -56,6 +56,7 @@ def register(fleet: Fleet) -> None:
         restored = restore_stranded(
             fleet.app, fleet.agents, fleet.ledger, fleet.locks, fleet.timings
         )
+        stats.count(fleet.locks.client, stats.REAPER_RESTORED, len(restored))
         return {"republished": len(keys), "restored": len(restored)}
 
 

@@ -155,6 +155,7 @@ def run_in_process(
     task_id: str | None = None,
     retries: int = 0,
     kwargs: dict[str, Any] | None = None,
+    sent_at: float | None = None,
 ) -> RunResult:
     """One guarded run of agent ``name`` in this process; see :class:`RunResult`."""
     fleet.require_agent(name)
@@ -163,8 +164,9 @@ def run_in_process(
     task_id = task_id or f"test-{uuid.uuid4()}"
     args = kwargs if kwargs is not None else ({"payload": payload} | ({"key": key} if key else {}))
     delivery = Delivery(
-        task_id=task_id, worker="pytest/inprocess", args=(), kwargs=args, retries=retries
-    )
+        task_id=task_id, worker="pytest/inprocess", args=(), kwargs=args, retries=retries,
+        sent_at=sent_at,
+    )  # fmt: skip
     result = RunResult(outcome=None)
     try:
         result.returned = fleet.guard.run(task.agent_spec, type(task).behaviour, delivery)

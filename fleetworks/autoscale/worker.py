@@ -28,6 +28,7 @@ from typing import Any
 from celery.worker.autoscale import Autoscaler
 
 from fleetworks import constants as c
+from fleetworks import stats
 from fleetworks.app import settings_of
 from fleetworks.autoscale.depth import DepthProbe, probe_for
 from fleetworks.autoscale.policy import Policy, Scaler
@@ -90,8 +91,15 @@ class QueueDepthAutoscaler(Autoscaler):  # type: ignore[misc]
             self.scale_up(want - procs)
         elif want < procs:
             self._shrink(procs - want)
+        if want != procs:
+            self._count_decision("up" if want > procs else "down")
         self._report(want, backlog, running, depth)
         return bool(want != procs)
+
+    def _count_decision(self, direction: str) -> None:
+        client = get_redis(self.settings.redis, **self.settings.redis_tls(self.settings.redis))
+        for queue in self.queues:
+            stats.count(client, stats.autoscale_field(queue, direction))
 
     def _report(self, desired: int, backlog: int, running: int, depth: dict[str, Any]) -> None:
         ages = [d.oldest_age_s for d in depth.values() if d.oldest_age_s is not None]
