@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from celery import Celery, Task
 
-from fleetworks import message, reaper
+from fleetworks import logs, message, reaper
 from fleetworks.constants import SENT_AT_HEADER
 from fleetworks.context import AgentSpec, RunContext
 from fleetworks.guard import Behaviour, Delivery, Guard, RetryRequested
@@ -81,7 +81,8 @@ class AgentTask(GuardedTask):
             sent_at=_sent_at(request),
         )
         try:
-            return self.fleet.guard.run(self.agent_spec, type(self).behaviour, delivery)
+            with logs.bind_run(agent=self.name, task_id=delivery.task_id, worker=delivery.worker):
+                return self.fleet.guard.run(self.agent_spec, type(self).behaviour, delivery)
         except RetryRequested as again:
             raise self.retry(countdown=again.countdown, max_retries=None, exc=again.exc) from None
 

@@ -31,11 +31,17 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.app.utils import find_app
-from celery.signals import before_task_publish, worker_process_init
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    before_task_publish,
+    celeryd_init,
+    worker_process_init,
+)
 from kombu.entity import Queue
 
 from fleetworks import constants as c
-from fleetworks import db, kombu_redis, redisconn, timing
+from fleetworks import db, kombu_redis, logs, redisconn, timing
 from fleetworks.reaper import REAP_TASK, control_queue
 from fleetworks.reaper import schedule_entry as reaper_entry
 from fleetworks.request import GuardedTask
@@ -207,6 +213,7 @@ def init_app(
         settings = settings.model_copy(update={"queue": str(queue)})
     check_guarantees(app, settings)
     app.conf.update(_merged(app, settings))
+    logs.use(settings.log_format)
     extra = [*(modules or ()), *settings.modules]
     if extra:
         app.conf.include = list(dict.fromkeys([*(app.conf.include or ()), *extra]))
@@ -266,6 +273,12 @@ def _after_fork(**_: Any) -> None:
     """A pool child must not reuse the parent's database or Redis sockets."""
     db.reset_after_fork()
     redisconn.reset_after_fork()
+
+
+# Workers and beat: Celery sets up its handlers, fleetworks renders them.
+after_setup_logger.connect(logs.celery_logger_ready, weak=False)
+after_setup_task_logger.connect(logs.celery_logger_ready, weak=False)
+celeryd_init.connect(logs.quiet_worker_banner, weak=False)
 
 
 @before_task_publish.connect  # type: ignore[untyped-decorator]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 from pydantic import ValidationError
 
+from fleetworks import logs
 from fleetworks.settings import Settings, get_settings, redact
 
 if TYPE_CHECKING:
@@ -73,6 +74,15 @@ def _migrate(settings: Settings) -> None:
 )
 def main(app_ref: str | None) -> None:
     """Run fleets of agents on Celery, each effect once per idempotency key."""
+    try:
+        settings = Settings()
+    except ValidationError:
+        logs.configure("WARNING")  # the command itself names what is wrong
+    else:
+        # The CLI's own lines: warnings and worse unless FLEET_LOG_LEVEL says
+        # otherwise (the workers and beat it starts log at FLEET_LOG_LEVEL).
+        explicit = "log_level" in settings.model_fields_set
+        logs.configure(settings.log_level if explicit else "WARNING", settings.log_format)
 
 
 @main.group()

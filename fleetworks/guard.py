@@ -43,7 +43,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from fleetworks import constants as c
-from fleetworks import events, message
+from fleetworks import events, logs, message
 from fleetworks.claims import ClaimVerdict, StaleWriteError
 from fleetworks.context import AgentSpec, Identity, RunContext
 from fleetworks.ledger import Ledger, RunId
@@ -198,6 +198,7 @@ class Guard:
         if resumed is None and explicit is not None:
             # A continuation re-sent without it (the reaper, a replay).
             resumed = events.resumed_for_key(self.ledger.database_url, explicit)
+        logs.bind(idempotency_key=identity.key, entity=identity.entity)
         return Parsed(payload, raw, identity, resumed)
 
     def _reject(
@@ -213,6 +214,7 @@ class Guard:
         lease = self.locks().acquire(entity, spec.lock_ttl_s, delivery.delivery_tag)
         if lease is not None:
             self.heartbeat.watch(lease)
+            logs.bind(fencing_token=lease.fencing_token)
             return lease
         done = self.ledger.terminal_status(run.key)
         if done is not None:
@@ -272,6 +274,7 @@ class Guard:
             self.ledger.declare_dead(run, lease.fencing_token, decision.reason)
             self._end(run, EventKind.SKIPPED_DEAD, f"declared dead after {got.attempts} deliveries")
         assert isinstance(decision, Proceed)
+        logs.bind(attempt=got.attempts)
         return got.attempts
 
     # -- 4 and 5. behaviour, settle ---------------------------------------------
@@ -312,6 +315,9 @@ class Guard:
             # A newer holder owns the key: this run's failure is only a late write.
             self._stale(run, refused)
         if isinstance(decision, Retry):
+            log.warning("%s attempt %d failed (%s: %s); retry in %.1fs",
+                        run.key, ctx.attempts, type(exc).__name__, exc,
+                        decision.countdown)  # fmt: skip
             raise RetryRequested(decision.countdown, decision.reason, exc) from exc
 
     def _stale(self, run: RunId, exc: BaseException) -> NoReturn:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from fleetworks import constants as c
+from fleetworks import logs
 from fleetworks.reaper import control_queue
 from fleetworks.settings import Settings
 
@@ -40,7 +41,7 @@ def fleet_env(settings: Settings, **overrides: str) -> dict[str, str]:
 
 def celery_argv(app: str, command: str, *args: str) -> list[str]:
     """``celery -A app command args`` with this interpreter."""
-    return [sys.executable, "-m", "celery", "-A", app, command, *args]
+    return [sys.executable, "-m", "celery", *logs.celery_global_args(), "-A", app, command, *args]
 
 
 def worker_args(

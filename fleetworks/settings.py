@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=2, ge=1)
     worker_pool: str = "prefork"
     log_level: str = "INFO"
+    #: ``json`` (one object per line), ``text``, or ``auto``: text on a
+    #: terminal, JSON to a file or pipe (:mod:`fleetworks.logs`).
+    log_format: Literal["auto", "json", "text"] = "auto"
     #: Longest time limit an agent may declare; the visibility timeout derives from it.
     max_time_limit_s: float = Field(default=MAX_TIME_LIMIT_S, gt=0)
     #: The Celery app, ``module[:attribute]`` as ``celery -A`` takes it. The
