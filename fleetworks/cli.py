@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 from pydantic import ValidationError
 
-from fleetworks import logs
+from fleetworks import logs, progress
 from fleetworks.settings import Settings, get_settings, redact
 
 if TYPE_CHECKING:
@@ -533,7 +533,7 @@ def demo(
     _migrate(settings)
     out: dict[str, Any] = {"mentions": None, "pricing": None, "support": None, "uploads": None}
     text: list[str] = []
-    with broker(settings):
+    with broker(settings), progress.shown(progress.wanted(as_json)):
         if mentions > 0:
             m = mentions_demo.run_demo(
                 _fleet().app,
@@ -629,17 +629,18 @@ def chaos(
             settings.home / "redis", settings.embedded_redis_port, settings.redis_server
         ).start()
     try:
-        report = run_chaos(
-            _fleet().app,
-            settings,
-            redis,
-            tasks=tasks,
-            kinds=kinds,
-            per_kind=per_kind,
-            seed=seed,
-            db_pause_s=db_pause_s,
-            timeout_s=timeout_s,
-        )
+        with progress.shown(progress.wanted(as_json)):
+            report = run_chaos(
+                _fleet().app,
+                settings,
+                redis,
+                tasks=tasks,
+                kinds=kinds,
+                per_kind=per_kind,
+                seed=seed,
+                db_pause_s=db_pause_s,
+                timeout_s=timeout_s,
+            )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--faults") from None
     finally:
@@ -669,7 +670,7 @@ def bench_throughput(tasks: int, rounds: int, as_json: bool) -> None:
     _handle_stop_signals()
     settings = _settings()
     _migrate(settings)
-    with broker(settings):
+    with broker(settings), progress.shown(progress.wanted(as_json)):
         result = run_throughput(_fleet().app, settings, tasks=tasks, rounds=rounds)
     if as_json:
         _print_json(result)
@@ -690,7 +691,7 @@ def bench_events(count: int, rounds: int, as_json: bool) -> None:
     _handle_stop_signals()
     settings = _settings()
     _migrate(settings)
-    with broker(settings):
+    with broker(settings), progress.shown(progress.wanted(as_json)):
         result = run_events(_fleet().app, settings, events=count, rounds=rounds)
     if as_json:
         _print_json(result)
@@ -742,7 +743,7 @@ def bench_autoscale(
     settings = _settings().model_copy(update={"autoscale_scale_down_after_s": scale_down_s})
     os.environ["FLEET_AUTOSCALE_SCALE_DOWN_AFTER_S"] = str(scale_down_s)
     _migrate(settings)
-    with broker(settings):
+    with broker(settings), progress.shown(progress.wanted(as_json)):
         result = run_autoscale(
             _fleet().app, settings, tasks=tasks, work_ms=work_ms, timeout_s=timeout_s
         )

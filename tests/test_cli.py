@@ -195,6 +195,7 @@ def test_bench_throughput_reports_ratio_against_plain_celery(tmp_path: Path) -> 
     done = fleetworks(*args, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
+    assert "bench:" not in done.stderr, "no progress bars with --json"
     assert result["plain_tps"] > 0 and result["guarded_tps"] > 0
     assert result["ratio"] == pytest.approx(result["guarded_tps"] / result["plain_tps"], rel=0.01)
     costs = result["where_time_goes"]

@@ -29,6 +29,7 @@ import redis
 from celery import Celery
 from sqlalchemy import event
 
+from fleetworks import progress
 from fleetworks.db import get_engine
 from fleetworks.enqueue import enqueue_many
 from fleetworks.procs import Child, celery_argv, fleet_env, wait_workers
@@ -51,8 +52,11 @@ def _side(app: Any, client: redis.Redis, worker: str, task: str, *, n: int, tag:
     started = time.perf_counter()
     app.control.add_consumer(queue, destination=[worker], reply=True, timeout=5)
     while not _drained(client, queue):
+        if progress.active():
+            progress.update(f"bench: {task}", n - int(client.llen(queue)), n)
         time.sleep(0.002)
     elapsed = time.perf_counter() - started
+    progress.update(f"bench: {task}", n, n)
     app.control.cancel_consumer(queue, destination=[worker], reply=True, timeout=5)
     return n / elapsed
 

@@ -31,6 +31,7 @@ import redis
 from celery import Celery
 from sqlalchemy import func, select
 
+from fleetworks import progress
 from fleetworks.db import transaction
 from fleetworks.enqueue import enqueue
 from fleetworks.models import EVENTS, OUTCOMES, TERMINAL
@@ -75,7 +76,8 @@ def _handled(url: str, run: str) -> int:
 def _events(app: Celery, url: str, n: int, run: str) -> tuple[float, list[float]]:
     started = time.perf_counter()
     enqueue(app, probe.EMIT, {"id": run, "count": n})
-    while _handled(url, run) < 2 * n:
+    while (handled := _handled(url, run)) < 2 * n:
+        progress.update("bench: events handled", handled, 2 * n)
         time.sleep(0.01)
     elapsed = time.perf_counter() - started
     with transaction(url) as conn:

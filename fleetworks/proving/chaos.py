@@ -35,6 +35,7 @@ from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
+from fleetworks import progress
 from fleetworks.db import transaction
 from fleetworks.embedded import EmbeddedRedis
 from fleetworks.enqueue import enqueue_many
@@ -273,6 +274,7 @@ def _wait_settled(url: str, run: str, tasks: int, deadline: float) -> dict[str, 
     settled: dict[str, Any] = {}
     while time.monotonic() < deadline:
         settled = _settled(url, run) or settled
+        progress.update("chaos: keys settled", len(settled), tasks)
         if len(settled) >= tasks:
             break
         time.sleep(0.5)

@@ -29,7 +29,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy import func, select
 
-from fleetworks import reports
+from fleetworks import progress, reports
 from fleetworks.db import transaction
 from fleetworks.models import EventKind
 from fleetworks.procs import wait_workers
@@ -112,6 +112,7 @@ def wait_settled(url: str, task_ids: list[str], timeout_s: float) -> dict[str, s
     while time.monotonic() < deadline:
         with transaction(url) as conn:
             settled = reports.settled_tasks(conn, task_ids)
+        progress.update("mentions: tasks settled", len(settled), len(task_ids))
         if len(settled) == len(task_ids):
             break
         time.sleep(0.25)

@@ -28,6 +28,7 @@ from celery import Celery
 from sqlalchemy import func, select
 
 from fleetworks import constants as c
+from fleetworks import progress
 from fleetworks.db import transaction
 from fleetworks.models import EVENTS, GUARD_EVENTS, OUTCOMES, TERMINAL, EventKind
 from fleetworks.procs import Child, wait_workers
@@ -285,9 +286,13 @@ def run_pricing(
                     run.resend(tick)
                 if not run.report.beat_killed:
                     run.kill_leader(beats)
-                if tick not in done and settled_count(url, tick) >= products:
+                priced = settled_count(url, tick) if tick not in done else products
+                if tick not in done:
+                    progress.update(f"pricing: cycle {len(done) + 1}", priced, products)
+                if tick not in done and priced >= products:
                     done.append(tick)
                     echo(f"pricing demo: cycle {len(done)} ({tick}) settled")
+            progress.update("pricing: cycles", len(done), cycles)
             time.sleep(0.5)
         time.sleep(1.0)  # duplicates re-sent late are still being skipped
         wait_for_alerts(url, done)

@@ -30,6 +30,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy import func, select
 
+from fleetworks import progress
 from fleetworks.agent import Fleet
 from fleetworks.db import transaction
 from fleetworks.filedrop import Dropped, watch
@@ -125,6 +126,7 @@ def run_uploads(
                 ).scalar_one()
             infected = sum(1 for v in digests.values() if v == "infected")
             moved = len(list(quarantine.glob("*"))) if quarantine.exists() else 0
+            progress.update("uploads: contents scanned", scanned, len(digests))
             if scanned >= len(digests) and moved >= infected:
                 break
             time.sleep(0.25)
