@@ -139,6 +139,21 @@ def setup_tracing(
         return provider
 
 
+def shutdown_tracing() -> None:
+    """Export what is buffered, disconnect the Celery instrumentation and turn
+    fleetworks' spans off in this process. The global provider stays (the
+    OpenTelemetry API sets it once per process), ended."""
+    global _provider
+    with _lock:
+        if _provider is None:
+            return
+        from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+        CeleryInstrumentor().uninstrument()  # type: ignore[no-untyped-call]
+        _provider.shutdown()
+        _provider = None
+
+
 def enabled() -> bool:
     """Whether this process traces."""
     return _provider is not None
@@ -318,4 +333,4 @@ def _in_beat(sender: Any = None, **_: Any) -> None:
     setup_tracing(_settings_of(getattr(sender, "app", None)), "fleetworks-beat")
 
 
-__all__ = ["EVENT_TRACE_KEY", "enabled", "flush", "setup_tracing"]
+__all__ = ["EVENT_TRACE_KEY", "enabled", "flush", "setup_tracing", "shutdown_tracing"]
