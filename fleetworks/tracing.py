@@ -312,7 +312,7 @@ def _in_pool_process(**_: Any) -> None:
     """A prefork pool child (after the fork), or the solo pool's worker."""
     from celery import current_app
 
-    setup_tracing(_settings_of(current_app), "fleetworks-worker")
+    setup_tracing(_settings_of(current_app._get_current_object()), "fleetworks-worker")
 
 
 @worker_init.connect(weak=False)  # type: ignore[untyped-decorator]

@@ -247,6 +247,38 @@ def test_with_neither_setting_nothing_is_traced() -> None:
     }  # fmt: skip
 
 
+SIGNAL_PROBE = """
+import sys
+from celery.signals import beat_init, worker_process_init
+from opentelemetry import trace
+from fleetworks import tracing
+from fleetworks.app import create_app
+from fleetworks.settings import Settings
+
+app = create_app(Settings(), name="signal-probe")
+app.set_current()
+assert not tracing.enabled()
+if sys.argv[1] == "worker":
+    worker_process_init.send(sender=None)  # as a prefork pool child sends it, after the fork
+else:
+    beat_init.send(sender=type("Service", (), {"app": app})())
+print(tracing.enabled(), type(trace.get_tracer_provider()).__name__)
+"""
+
+
+@pytest.mark.parametrize("process", ["worker", "beat"])
+def test_a_pool_process_and_beat_set_tracing_up_from_celerys_signals(process: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_OTEL_", "OTEL_"))}
+    env |= {"FLEET_OTEL_CONSOLE": "1", "FLEET_BROKER_URL": BROKER_URL, "FLEET_REDIS_URL": LOCKS_URL}
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_PROBE, process], env=env, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "raised" not in done.stderr, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "True TracerProvider"
+
+
 def test_a_bad_endpoint_is_refused_naming_the_setting() -> None:
     with pytest.raises(ValueError, match="FLEET_OTEL_ENDPOINT 'collector:4318' is not an http"):
         Settings(otel_endpoint="collector:4318")
