@@ -29,7 +29,9 @@ every subscriber's effect happens once per event. So:
   application's own included), and on any database through a Redis message
   on :data:`WAKE_CHANNEL` that a run which emitted publishes after its
   commit; it looks every ``poll_s`` anyway, so a lost wake-up costs
-  latency, never an event.
+  latency, never an event. With tracing on, an event carries its emitter's
+  trace context in ``data`` under a reserved key that :func:`to_event` takes
+  out; the relay continues that trace (:mod:`fleetworks.tracing`).
 * **Subscribing**: an agent declared with ``AgentSpec(on=[topics], where=...)``
   receives :class:`Event` payloads; runs of one event key are serialised by
   a lease on ``<subscriber>|<event key>``, and in order: a run whose key has
