@@ -42,6 +42,7 @@ from kombu.entity import Queue
 
 from fleetworks import constants as c
 from fleetworks import db, kombu_redis, logs, redisconn, timing
+from fleetworks import tracing as _tracing  # noqa: F401  (connects the process signals)
 from fleetworks.reaper import REAP_TASK, control_queue
 from fleetworks.reaper import schedule_entry as reaper_entry
 from fleetworks.request import GuardedTask

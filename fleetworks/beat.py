@@ -41,7 +41,7 @@ from celery import Celery
 from celery.beat import ScheduleEntry, Scheduler
 
 from fleetworks import constants as c
-from fleetworks import message, ticks
+from fleetworks import message, ticks, tracing
 from fleetworks.agent import AgentTask
 from fleetworks.app import settings_of
 from fleetworks.leader import Leadership
@@ -186,14 +186,15 @@ class FleetScheduler(Scheduler):  # type: ignore[misc]
             payload |= {"tick": tick_id, "slot": ticks.slot_text(slot), "entry": entry.name}
             kwargs = message.pack(payload, tick_id)
         log.info("beat: sending %s (%s)", tick_id, entry.task)
-        self.app.send_task(
-            entry.task,
-            args=list(entry.args),
-            kwargs=kwargs,
-            task_id=tick_id,
-            producer=self.producer,
-            **options,
-        )
+        with tracing.beat_tick(entry.name, tick_id):
+            self.app.send_task(
+                entry.task,
+                args=list(entry.args),
+                kwargs=kwargs,
+                task_id=tick_id,
+                producer=self.producer,
+                **options,
+            )
         return tick_id
 
     def close(self) -> None:

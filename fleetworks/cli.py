@@ -52,6 +52,14 @@ def _settings() -> Settings:
     return _fleet().settings
 
 
+def _traced(fleet: Fleet, service: str) -> Fleet:
+    """``fleet``, with tracing set up in this process when its settings ask for it."""
+    from fleetworks.tracing import setup_tracing
+
+    setup_tracing(fleet.settings, service)
+    return fleet
+
+
 def _print_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
@@ -124,7 +132,7 @@ def up(no_flower: bool, no_beat: bool) -> None:
     from fleetworks.metrics import serve
     from fleetworks.services import FleetProcesses, broker, echo
 
-    fleet_ = _fleet()
+    fleet_ = _traced(_fleet(), "fleetworks-ingest")
     app, settings = fleet_.app, fleet_.settings
     _migrate(settings)
     _handle_stop_signals()
@@ -261,7 +269,7 @@ def enqueue(agent: str, payload: str, key: str | None, as_json: bool) -> None:
     from fleetworks.enqueue import enqueue as send
 
     try:
-        task_id = send(_fleet().app, agent, body, key=key)
+        task_id = send(_traced(_fleet(), "fleetworks-cli").app, agent, body, key=key)
     except UnknownAgentError as exc:
         raise click.BadParameter(str(exc), param_hint="AGENT") from None
     if as_json:
@@ -323,7 +331,7 @@ def relay() -> None:
     from fleetworks.events import Relay
     from fleetworks.services import echo, require_broker
 
-    fleet_ = _fleet()
+    fleet_ = _traced(_fleet(), "fleetworks-relay")
     require_broker(fleet_.settings)
     _handle_stop_signals()
     stop = threading.Event()
@@ -344,7 +352,7 @@ def ingest(address: str | None, port: int | None) -> None:
     from fleetworks.ingest import serve
     from fleetworks.services import echo
 
-    fleet_ = _fleet()
+    fleet_ = _traced(_fleet(), "fleetworks-ingest")
     _handle_stop_signals()
     server = serve(fleet_, address, port)
     host, bound = server.server_address[:2]

@@ -8,6 +8,11 @@ whose publishes are not acknowledged one by one anyway) it publishes at
 once. Both send ``payload`` and the optional explicit idempotency ``key`` as
 the agent task's keyword arguments.
 
+Tracing (:mod:`fleetworks.tracing`): every message goes out through
+``send_task``, so the Celery instrumentation writes the trace context into
+its headers, pipelined or not; ``enqueue_many`` wraps its publishes in one
+``enqueue_many <agent>`` span.
+
 A batch is all or nothing only up to a pipeline: if the connection breaks
 mid-batch, the pipelines already flushed are in the queue and the rest is
 not, and the error propagates. Callers re-run the whole fan-out; the keys
@@ -22,7 +27,7 @@ from typing import Any
 from celery import Celery
 
 from fleetworks import constants as c
-from fleetworks import message
+from fleetworks import message, tracing
 
 
 def _options(queue: str | None) -> dict[str, Any]:
@@ -62,9 +67,14 @@ def enqueue_many(
     _known(app, agent)
     ids: list[str] = []
     options = _options(queue)
-    with app.producer_or_acquire() as producer, producer.batch(c.PUBLISH_BATCH):
+    with (
+        tracing.fan_out(agent) as span,
+        app.producer_or_acquire() as producer,
+        producer.batch(c.PUBLISH_BATCH),
+    ):
         for payload in payloads:
             kwargs = message.pack(payload, None if key is None else key(payload))
             sent = app.send_task(agent, kwargs=kwargs, producer=producer, **options)
             ids.append(str(sent.id))
+        span.set_attribute("fleetworks.enqueued", len(ids))
     return ids

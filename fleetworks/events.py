@@ -29,7 +29,9 @@ every subscriber's effect happens once per event. So:
   application's own included), and on any database through a Redis message
   on :data:`WAKE_CHANNEL` that a run which emitted publishes after its
   commit; it looks every ``poll_s`` anyway, so a lost wake-up costs
-  latency, never an event.
+  latency, never an event. With tracing on, an event carries its emitter's
+  trace context in ``data`` under a reserved key that :func:`to_event` takes
+  out; the relay continues that trace (:mod:`fleetworks.tracing`).
 * **Subscribing**: an agent declared with ``AgentSpec(on=[topics], where=...)``
   receives :class:`Event` payloads; runs of one event key are serialised by
   a lease on ``<subscriber>|<event key>``, and in order: a run whose key has
@@ -72,7 +74,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Connection, insert, select, text, update
 from sqlalchemy.engine import make_url
 
-from fleetworks import message
+from fleetworks import message, tracing
 from fleetworks.db import is_postgres, transaction, upsert
 from fleetworks.models import EVENTS, OUTCOMES, TERMINAL, WAITS
 
@@ -150,6 +152,8 @@ def check(topic: Any, data: Any, key: Any = None) -> None:
         )
     if not isinstance(data, dict):
         raise EventError(f"data: must be a JSON object, got {type(data).__name__}")
+    if tracing.EVENT_TRACE_KEY in data:
+        raise EventError(f"data: the key {tracing.EVENT_TRACE_KEY!r} is reserved (trace context)")
     bad = message.unstorable_text(data)
     if bad is not None:
         raise EventError(f"data: {bad}: text must be valid Unicode without NUL characters")
@@ -183,7 +187,7 @@ def store(
     """
     check(topic, data, key)
     values = {
-        "event_id": event_id, "topic": topic, "key": key, "data": data,
+        "event_id": event_id, "topic": topic, "key": key, "data": tracing.with_event_trace(data),
         "source_agent": source_agent, "source_key": source_key, "created_at": datetime.now(UTC),
     }  # fmt: skip
     if not if_new:
@@ -252,7 +256,7 @@ def to_event(row: Any) -> Event:
     if created.tzinfo is None:
         created = created.replace(tzinfo=UTC)
     return Event(
-        id=row.event_id, topic=row.topic, key=row.key, data=row.data,
+        id=row.event_id, topic=row.topic, key=row.key, data=tracing.without_event_trace(row.data),
         source_agent=row.source_agent, source_key=row.source_key,
         created_at=created.isoformat(), position=row.position,
     )  # fmt: skip
@@ -479,11 +483,12 @@ class Relay:
             with app.producer_or_acquire() as producer:
                 for row in rows:
                     event = to_event(row)
-                    for spec in specs:
-                        if matches(spec, event):
-                            send(app, spec, event, producer)
-                            self.sent += 1
-                    self._resolve_waits(conn, event, row.created_at, producer)
+                    with tracing.relaying(row.data, event.topic, event.id):
+                        for spec in specs:
+                            if matches(spec, event):
+                                send(app, spec, event, producer)
+                                self.sent += 1
+                        self._resolve_waits(conn, event, row.created_at, producer)
             positions = [r.position for r in rows]
             conn.execute(
                 update(EVENTS)

@@ -33,6 +33,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -43,7 +44,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from fleetworks import constants as c
-from fleetworks import events, logs, message
+from fleetworks import events, logs, message, tracing
 from fleetworks.claims import ClaimVerdict, StaleWriteError
 from fleetworks.context import AgentSpec, Identity, RunContext
 from fleetworks.ledger import Ledger, RunId
@@ -156,10 +157,15 @@ class Guard:
     def _once(self, spec: AgentSpec, behaviour: Behaviour, delivery: Delivery) -> Any:
         parsed = self.parse(spec, delivery)
         run = RunId(spec.name, parsed.identity.key, delivery.task_id, delivery.worker)
-        lease = self.lease(spec, delivery, parsed, run)
+        entity = parsed.identity.entity
+        tracing.run_attributes(spec.name, run.key, entity)
+        with _stage("lease", run, entity) as span:
+            lease = self.lease(spec, delivery, parsed, run)
+            span.set_attribute("fleetworks.fencing_token", lease.fencing_token)
         try:
-            self._in_order(spec, delivery, parsed, run)
-            attempts = self.claim(spec, delivery, parsed, run, lease)
+            with _stage("claim", run, entity, lease.fencing_token):
+                self._in_order(spec, delivery, parsed, run)
+                attempts = self.claim(spec, delivery, parsed, run, lease)
             ctx = RunContext(
                 spec=spec, task_id=delivery.task_id, worker=delivery.worker,
                 payload=parsed.payload, idempotency_key=run.key,
@@ -280,20 +286,24 @@ class Guard:
     # -- 4 and 5. behaviour, settle ---------------------------------------------
 
     def settle(self, spec: AgentSpec, ctx: RunContext, run: RunId, behaviour: Behaviour) -> Any:
-        try:
-            result = behaviour(ctx, ctx.payload)
-            if isinstance(result, events.Waiting):
-                result = result.as_result()
-            ctx.check_lease()
-            self.ledger.settle(ctx.db, run, ctx.fencing_token, result)
-        except BaseException as exc:
-            ctx.close_db(commit=False)
-            self._settle_error(spec, ctx, run, exc)
-            raise
-        try:
-            ctx.close_db(commit=True)
-        except STALE as exc:
-            self._stale(run, exc)
+        token = ctx.fencing_token
+        with ExitStack() as settling:
+            try:
+                with _stage("behaviour", run, ctx.entity_key, token):
+                    result = behaviour(ctx, ctx.payload)
+                if isinstance(result, events.Waiting):
+                    result = result.as_result()
+                settling.enter_context(_stage("settle", run, ctx.entity_key, token))
+                ctx.check_lease()
+                self.ledger.settle(ctx.db, run, ctx.fencing_token, result)
+            except BaseException as exc:
+                ctx.close_db(commit=False)
+                self._settle_error(spec, ctx, run, exc)
+                raise
+            try:
+                ctx.close_db(commit=True)
+            except STALE as exc:
+                self._stale(run, exc)
         if ctx.emitted:
             events.wake(self.locks().client)
         return result
@@ -338,6 +348,14 @@ def _published_at(sent_at: float | None) -> datetime | None:
         return datetime.fromtimestamp(sent_at, UTC)
     except (OverflowError, OSError, ValueError):
         return None
+
+
+def _stage(
+    name: str, run: RunId, entity: str, token: int | None = None
+) -> AbstractContextManager[Any]:
+    """The trace span of one stage (a null context while tracing is off)."""
+    return tracing.stage(name, agent=run.agent, key=run.key, entity=entity, fencing_token=token,
+                         quiet=(_Ended, RetryRequested))  # fmt: skip
 
 
 def _payload_problem(spec: AgentSpec, raw: Any) -> str | None:

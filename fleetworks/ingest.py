@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from sqlalchemy.exc import DBAPIError
 
-from fleetworks import events
+from fleetworks import events, tracing
 from fleetworks.agent import Fleet
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,10 @@ class IngestHandler(BaseHTTPRequestHandler):
         keys = parse_qs(url.query, keep_blank_values=True).get("key")
         key = keys[0] if keys else None
         try:
-            published = events.publish(topic, data, key=key, event_id=event_id, app=self.fleet.app)
+            with tracing.incoming(f"ingest {topic}", self.headers, {"fleetworks.topic": topic}):
+                published = events.publish(
+                    topic, data, key=key, event_id=event_id, app=self.fleet.app
+                )
         except events.EventError as bad:
             raise Refused(400, str(bad)) from None
         except DBAPIError as exc:

@@ -103,6 +103,12 @@ class Settings(BaseSettings):
     ingest_token: SecretStr | None = None
     #: Largest request body taken, in bytes (413 above it).
     ingest_max_bytes: int = Field(default=1_048_576, ge=1)
+    #: OTLP/HTTP collector for traces (``http://collector:4318``; ``/v1/traces``
+    #: is added unless the URL already ends with it). Unset with
+    #: ``otel_console`` off: no tracing at all (:mod:`fleetworks.tracing`).
+    otel_endpoint: str | None = None
+    #: Print every finished span as JSON on standard output (for a look by hand).
+    otel_console: bool = False
 
     @model_validator(mode="after")
     def _autoscale_bounds(self) -> Settings:
@@ -130,6 +136,25 @@ class Settings(BaseSettings):
                 "FLEET_INGEST_TOKEN or keep FLEET_INGEST_ADDRESS=127.0.0.1"
             )
         return self
+
+    @model_validator(mode="after")
+    def _otel_endpoint_is_http(self) -> Settings:
+        if self.otel_endpoint is not None:
+            parts = urlsplit(self.otel_endpoint)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"FLEET_OTEL_ENDPOINT {self.otel_endpoint!r} is not an http(s) URL of an "
+                    "OTLP/HTTP collector (e.g. http://127.0.0.1:4318)"
+                )
+        return self
+
+    @property
+    def otel_traces_url(self) -> str | None:
+        """Where the OTLP/HTTP span exporter posts, or None when it is unset."""
+        if not self.otel_endpoint:
+            return None
+        url = self.otel_endpoint.rstrip("/")
+        return url if url.endswith("/v1/traces") else f"{url}/v1/traces"
 
     @property
     def embedded(self) -> bool:
