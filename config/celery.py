@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prometheus_client.registry import Collector
+
 from beat_schedule import schedule
 from config.settings import settings
 from fleetworks import create_app, fleet_of, metrics
-from tasks.pricing_metrics import PricingCollector
+from fleetworks.settings import Settings
 
 #: This deployment's task modules: one per agent.
 TASK_MODULES = [
@@ -27,7 +29,15 @@ app = create_app(
 )
 fleet = fleet_of(app)
 
-# The pricing agent's business figures, served with the fleet's own /metrics.
-metrics.add_collector(PricingCollector)
+
+def _pricing_figures(settings: Settings) -> Collector:
+    """The pricing agent's business figures, served with the fleet's own /metrics
+    (imported when /metrics starts: the task modules import this package)."""
+    from tasks.pricing_metrics import PricingCollector
+
+    return PricingCollector(settings)
+
+
+metrics.add_collector(_pricing_figures)
 
 __all__ = ["app", "fleet"]
