@@ -5,10 +5,32 @@
 process is lost, and run through :class:`fleetworks.guard.Guard`. Its
 arguments are always those :mod:`fleetworks.message` builds; anything else is
 recorded as ``rejected``.
+
+What the guard decided is the Celery state Flower shows, once the outcome is
+recorded (:meth:`AgentTask.run_guarded`):
+
+- ``SUCCESS``: the behaviour ran (result ``{"status": "succeeded", "result": ...}``)
+  or the delivery had nothing left to do: its key was already done
+  (``skipped_duplicate``), its entity busy for an agent that skips
+  (``skipped_locked``), or it lost its right to write to a newer holder of
+  its key, which does the work (``stale_write``); result
+  ``{"status": ..., "detail": ...}``;
+- ``FAILURE``: a payload the agent refuses (:class:`RejectedError`, with the
+  reason) or a dead letter (a key declared dead, a delivery of a dead key, a
+  behaviour that failed its last attempt: :class:`DeadLetterError`, naming
+  the key); never retried, the message acknowledged
+  (``task_acks_on_failure_or_timeout``);
+- ``RETRY``: the guard asked for the message again later (a retried failure,
+  a contended lock, a deferred event).
+
+Celery's ``Reject`` is not used for a refused payload: its ``REJECTED`` state
+ranks below ``STARTED`` in Celery's event state, so Flower would show the
+task as ``STARTED`` forever (celery/celery#4222, mher/flower#487).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from collections.abc import Callable
@@ -22,6 +44,7 @@ from fleetworks.context import AgentSpec, RunContext
 from fleetworks.guard import Behaviour, Delivery, Guard, RetryRequested
 from fleetworks.ledger import Ledger
 from fleetworks.locks import EntityLocks, Heartbeat
+from fleetworks.models import Ended, EventKind, Status
 from fleetworks.redisconn import get_redis
 from fleetworks.request import GuardedTask
 from fleetworks.settings import Settings
@@ -30,6 +53,8 @@ from fleetworks.timing import Timings
 #: Share of the hard time limit given as the soft limit, so a behaviour gets
 #: ``SoftTimeLimitExceeded`` and can stop cleanly before it is killed.
 SOFT_LIMIT_SHARE = 0.9
+
+log = logging.getLogger(__name__)
 
 _FLEETS: weakref.WeakKeyDictionary[Celery, Fleet] = weakref.WeakKeyDictionary()
 
@@ -59,6 +84,16 @@ class UnknownAgentError(LookupError):
     """A name no agent of the fleet has; the message lists the known ones."""
 
 
+class DeadLetterError(Exception):
+    """A delivery whose key is dead, raised once its outcome is recorded, so
+    Celery and Flower show it as ``FAILURE``; never retried."""
+
+
+class RejectedError(Exception):
+    """A payload the agent refuses, raised once the ``rejected`` row is
+    recorded, so Celery and Flower show it as ``FAILURE``; never retried."""
+
+
 class AgentTask(GuardedTask):
     """The Celery task of one agent. ``fleet``, ``spec`` and ``behaviour`` are
     set on the subclass :meth:`Fleet.agent` creates."""
@@ -80,11 +115,48 @@ class AgentTask(GuardedTask):
             delivery_tag=str(info.get("delivery_tag") or ""),
             sent_at=_sent_at(request),
         )
+        with logs.bind_run(agent=self.name, task_id=delivery.task_id, worker=delivery.worker):
+            return self._guarded(delivery, kwargs)
+
+    def _guarded(self, delivery: Delivery, kwargs: dict[str, Any]) -> Any:
+        """The guard's run, its decision turned into the Celery state Flower shows."""
         try:
-            with logs.bind_run(agent=self.name, task_id=delivery.task_id, worker=delivery.worker):
-                return self.fleet.guard.run(self.agent_spec, type(self).behaviour, delivery)
+            result = self.fleet.guard.run(self.agent_spec, type(self).behaviour, delivery)
         except RetryRequested as again:
             raise self.retry(countdown=again.countdown, max_retries=None, exc=again.exc) from None
+        except Exception as exc:
+            key = self.key_of(kwargs)
+            if key is None or not self._is_dead(key):
+                raise
+            why = f"{type(exc).__name__}: {exc}"
+            raise DeadLetterError(f"{self.name} key {key!r} is dead: {why}") from exc
+        if not isinstance(result, Ended):
+            return {"status": str(Status.SUCCEEDED), "result": result}
+        status, detail = result["status"], result["detail"]
+        if status == Status.REJECTED:
+            log.warning("%s[%s] rejected: %s", self.name, delivery.task_id, detail)
+            raise RejectedError(f"{self.name} rejected the message: {detail}")
+        if status == EventKind.SKIPPED_DEAD:
+            key = self.key_of(kwargs) or "?"
+            raise DeadLetterError(f"{self.name} key {key!r} is dead: {detail}")
+        return dict(result)
+
+    def _is_dead(self, key: str) -> bool:
+        try:
+            return self.fleet.ledger.terminal_status(key) == Status.DEAD
+        except Exception:
+            return False  # the original error says more than this one
+
+    def key_of(self, kwargs: dict[str, Any]) -> str | None:
+        """The idempotency key of a delivery's arguments, or None if they have none."""
+        parsed = message.unpack((), kwargs)
+        if isinstance(parsed, message.Problem):
+            return None
+        try:
+            payload = self.agent_spec.payload.model_validate(parsed.payload)
+            return self.agent_spec.identify(payload, parsed.key).key
+        except Exception:
+            return None
 
     def free_orphaned_lease(self, kwargs: dict[str, Any], delivery_tag: str) -> bool:
         parsed = message.unpack((), kwargs)
@@ -147,6 +219,12 @@ class Fleet:
                 f"{spec.name}: time_limit_s {spec.time_limit_s} exceeds FLEET_MAX_TIME_LIMIT_S "
                 f"{self.settings.max_time_limit_s}, from which the visibility timeout is derived"
             )
+
+        # Never auto-retried, whatever autoretry_for says: their outcome is final.
+        final = (*options.pop("dont_autoretry_for", ()), RejectedError, DeadLetterError)
+        options["dont_autoretry_for"] = final
+        # A refused payload is the sender's error: logged without a traceback.
+        options["throws"] = (*options.pop("throws", ()), RejectedError)
 
         def bind(behaviour: Behaviour) -> Task:
             # shared=False: Celery would otherwise add this task, bound to this
@@ -215,4 +293,13 @@ def _agent_run(task: AgentTask, *args: Any, **kwargs: Any) -> Any:
     return task.run_guarded(args, kwargs)
 
 
-__all__ = ["AgentSpec", "AgentTask", "Fleet", "RunContext", "UnknownAgentError", "shared_agent"]
+__all__ = [
+    "AgentSpec",
+    "AgentTask",
+    "DeadLetterError",
+    "Fleet",
+    "RejectedError",
+    "RunContext",
+    "UnknownAgentError",
+    "shared_agent",
+]

@@ -242,12 +242,11 @@ def beat(celery_args: tuple[str, ...]) -> None:
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def flower(celery_args: tuple[str, ...]) -> None:
-    """Flower on FLEET_FLOWER_ADDRESS:FLEET_FLOWER_PORT (loopback unless auth is set)."""
-    s = _settings()
-    args = [f"--address={s.flower_address}", f"--port={s.flower_port}"]
-    if s.flower_basic_auth is not None:
-        args.append(f"--basic-auth={s.flower_basic_auth.get_secret_value()}")
-    _exec_celery("flower", *args, *celery_args)
+    """Flower on FLEET_FLOWER_ADDRESS:FLEET_FLOWER_PORT (loopback unless auth is set),
+    keeping what it has seen in FLEET_HOME/flower.db across restarts."""
+    from fleetworks.services import flower_args
+
+    _exec_celery("flower", *flower_args(_settings()), *celery_args)
 
 
 @main.command()

@@ -49,7 +49,7 @@ from fleetworks.claims import ClaimVerdict, StaleWriteError
 from fleetworks.context import AgentSpec, Identity, RunContext
 from fleetworks.ledger import Ledger, RunId
 from fleetworks.locks import EntityLocks, Heartbeat, Lease, LeaseLostError
-from fleetworks.models import EventKind, Status
+from fleetworks.models import Ended, EventKind, Status
 from fleetworks.retry import Facts, GiveUp, Proceed, Retry, RetryPolicy, Situation, Wait
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class _Ended(Exception):
 
     def __init__(self, status: str, detail: str) -> None:
         super().__init__(f"{status}: {detail}")
-        self.result = {"status": str(status), "detail": detail}
+        self.result = Ended(status=str(status), detail=detail)
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,6 +73,15 @@ class EventKind(StrEnum):
     ATTEMPT_FAILED = "attempt_failed"
 
 
+class Ended(dict[str, str]):
+    """What a guarded run returns when a guard stage ended it before or instead
+    of the behaviour: ``{"status": <Status or EventKind>, "detail": ...}``.
+
+    A plain dict to compare and serialise; its type tells the task apart from
+    a behaviour's own result that happens to look the same.
+    """
+
+
 class Outcome(Base):
     __tablename__ = "outcomes"
 

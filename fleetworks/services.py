@@ -89,11 +89,8 @@ class FleetProcesses:
         return self.add(name, argv)
 
     def flower(self) -> Child:
-        s = self.settings
-        args = [f"--address={s.flower_address}", f"--port={s.flower_port}"]
-        if s.flower_basic_auth is not None:
-            args.append(f"--basic-auth={s.flower_basic_auth.get_secret_value()}")
-        return self.add("flower", celery_argv(s.app, "flower", *args))
+        argv = celery_argv(self.settings.app, "flower", *flower_args(self.settings))
+        return self.add("flower", argv)
 
     def dead(self) -> list[Child]:
         return [c for c in self.children if not c.alive()]
@@ -104,6 +101,33 @@ class FleetProcesses:
     @property
     def hostname(self) -> str:
         return socket.gethostname()
+
+
+#: The columns of Flower's tasks page: its defaults plus the result (the
+#: outcome status of a SUCCESS) and the exception (why a FAILURE failed).
+FLOWER_TASK_COLUMNS = "name,uuid,state,result,exception,received,runtime,worker"
+#: How often Flower writes its state to ``FLEET_HOME/flower.db`` besides at a
+#: clean stop, so a killed Flower loses at most this much history.
+FLOWER_SAVE_INTERVAL_MS = 60_000
+
+
+def flower_args(settings: Settings) -> list[str]:
+    """Arguments of ``celery flower`` for the fleet: its address, its auth, and
+    persistent mode, where the tasks and workers it has seen are kept in
+    ``FLEET_HOME/flower.db`` across a restart."""
+    s = settings
+    s.home.mkdir(parents=True, exist_ok=True)
+    args = [
+        f"--address={s.flower_address}",
+        f"--port={s.flower_port}",
+        "--persistent=True",
+        f"--db={(s.home / 'flower.db').resolve()}",
+        f"--state_save_interval={FLOWER_SAVE_INTERVAL_MS}",
+        f"--tasks_columns={FLOWER_TASK_COLUMNS}",
+    ]
+    if s.flower_basic_auth is not None:
+        args.append(f"--basic-auth={s.flower_basic_auth.get_secret_value()}")
+    return args
 
 
 def echo(message: str) -> None:
