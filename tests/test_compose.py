@@ -28,6 +28,7 @@ DEPENDS_CONDITIONS = frozenset(
     {"service_started", "service_healthy", "service_completed_successfully"}
 )
 DOCKERFILE_SOURCES = ("fleetworks", "config", "agents", "tasks", "beat_schedule.py")
+MONITORING_SERVICES = ("prometheus", "grafana")
 
 #: ``${NAME}``, ``${NAME:-default}``, ``${NAME-default}``, ``${NAME:?err}``, ``${NAME?err}``.
 _VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
@@ -81,6 +82,46 @@ def _environment(service: dict[str, Any]) -> dict[str, str]:
     environment = service.get("environment") or {}
     assert isinstance(environment, dict), "environment must be a mapping"
     return {str(key): str(value) for key, value in environment.items()}
+
+
+def _bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """A service's bind mounts of this repository as ``{container path: host path}``."""
+    mounts: dict[str, Path] = {}
+    for volume in service.get("volumes") or []:
+        if isinstance(volume, dict):
+            source, target = str(volume.get("source", "")), str(volume["target"])
+        else:
+            source, target = str(volume).split(":")[:2]
+        if source.startswith(("./", "../")):
+            mounts[target] = (ROOT / source).resolve()
+    return mounts
+
+
+def _in_container(mounts: dict[str, Path], path: str) -> Path:
+    """The host file behind container ``path``, through the mount that holds it."""
+    for target, source in mounts.items():
+        if path == target or path.startswith(target.rstrip("/") + "/"):
+            return source / path[len(target) :].lstrip("/")
+    raise AssertionError(f"{path} is not under any bind mount of {sorted(mounts)}")
+
+
+def _option(service: dict[str, Any], name: str) -> str:
+    """The value of ``--name=value`` (or ``--name value``) in a service's command."""
+    argv = shlex.split(_command(service))
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    raise AssertionError(f"no --{name} in {argv}")
+
+
+def _published_on_loopback(service: dict[str, Any]) -> bool:
+    ports = service.get("ports") or []
+    return bool(ports) and all(
+        (port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]) == "127.0.0.1"
+        for port in ports
+    )
 
 
 def _copy_sources(dockerfile: str) -> set[str]:
@@ -205,3 +246,61 @@ def test_dockerfile_copies_packages() -> None:
     sources = _copy_sources(DOCKERFILE.read_text(encoding="utf-8"))
     missing = [source for source in DOCKERFILE_SOURCES if source not in sources]
     assert not missing, f"Dockerfile does not copy {missing}"
+
+
+@pytest.mark.parametrize("name", MONITORING_SERVICES)
+def test_monitoring_service_mounts_exist(services: dict[str, dict[str, Any]], name: str) -> None:
+    """Prometheus and Grafana pull an image, publish on the loopback interface only,
+    and every folder of this repository they mount exists."""
+    service = services[name]
+    assert "image" in service, f"{name} pulls no image"
+    assert _published_on_loopback(service), f"{name} is not published on 127.0.0.1 only"
+    mounts = _bind_mounts(service)
+    assert mounts, f"{name} mounts nothing of this repository"
+    missing = [str(path) for path in mounts.values() if not path.exists()]
+    assert not missing, f"{name} mounts missing paths {missing}"
+
+
+def test_prometheus_scrapes_the_metrics_service(services: dict[str, dict[str, Any]]) -> None:
+    """Prometheus reads deploy/prometheus/prometheus.yml, which loads the alert
+    rules and scrapes the metrics service on the port it listens on."""
+    prometheus = services["prometheus"]
+    mounts = _bind_mounts(prometheus)
+    config_file = _in_container(mounts, _option(prometheus, "config.file"))
+    assert config_file == ROOT / "deploy" / "prometheus" / "prometheus.yml"
+    config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    for rules in config["rule_files"]:
+        assert (config_file.parent / rules).is_file(), f"rule file {rules} missing"
+    targets = [
+        target
+        for job in config["scrape_configs"]
+        if job["job_name"] == "fleetworks"
+        for static in job["static_configs"]
+        for target in static["targets"]
+    ]
+    port = _option(services["metrics"], "port")
+    assert targets == [f"metrics:{port}"]
+    assert "metrics" in _depends_on(prometheus)
+
+
+def test_grafana_provisions_the_datasource_and_dashboard(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Grafana's provisioning points at the prometheus service and at the folder
+    where the fleet's dashboard is mounted; its admin password has no default."""
+    grafana = services["grafana"]
+    mounts = _bind_mounts(grafana)
+    provisioning = _in_container(mounts, "/etc/grafana/provisioning")
+    (datasource_file,) = sorted((provisioning / "datasources").glob("*.yml"))
+    datasources = yaml.safe_load(datasource_file.read_text(encoding="utf-8"))["datasources"]
+    (prometheus_ds,) = [d for d in datasources if d["type"] == "prometheus"]
+    listen = _option(services["prometheus"], "web.listen-address")
+    assert urlsplit(prometheus_ds["url"]).netloc == f"prometheus:{listen.rsplit(':', 1)[1]}"
+    (provider_file,) = sorted((provisioning / "dashboards").glob("*.yml"))
+    (provider,) = yaml.safe_load(provider_file.read_text(encoding="utf-8"))["providers"]
+    dashboards = _in_container(mounts, provider["options"]["path"])
+    assert (dashboards / "fleetworks.json").is_file()
+    environment = _environment(grafana)
+    home = environment["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert _in_container(mounts, home) == dashboards / "fleetworks.json"
+    assert ":?" in environment["GF_SECURITY_ADMIN_PASSWORD"], "the admin password has a default"
