@@ -118,18 +118,17 @@ def fleet_flower(tmp_path: Path, sqlite_url: str) -> Iterator[FleetProcesses]:
 
 
 def _rows(driver: webdriver.Chrome) -> dict[str, dict[str, str]]:
-    """Task id -> {column: text} of the rows the tasks table shows now."""
-    heads = driver.find_elements(By.CSS_SELECTOR, "#tasks-table thead th")
-    columns = [th.get_attribute("data-column") or "" for th in heads]
+    """Task id -> {column: text} of the rows the tasks table shows now, read in
+    one script so a redraw by the page's own refresh cannot cut it in half."""
+    columns, rows = driver.execute_script(
+        "const heads = Array.from(document.querySelectorAll('#tasks-table thead th'));"
+        "const rows = Array.from(document.querySelectorAll('#tasks-table tbody tr'));"
+        "return [heads.map(th => th.getAttribute('data-column') || ''),"
+        "        rows.map(tr => Array.from(tr.cells).map(td => td.innerText.trim()))];"
+    )
     got: dict[str, dict[str, str]] = {}
-    for row in driver.find_elements(By.CSS_SELECTOR, "#tasks-table tbody tr"):
-        cells = dict(
-            zip(
-                columns,
-                (td.text.strip() for td in row.find_elements(By.TAG_NAME, "td")),
-                strict=False,
-            )
-        )
+    for texts in rows:
+        cells = dict(zip(columns, texts, strict=False))
         if cells.get("uuid"):
             got[cells["uuid"]] = cells
     return got

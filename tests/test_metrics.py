@@ -173,17 +173,16 @@ def test_the_pricing_agents_business_figures(fleet: Fleet, run_agent: Any) -> No
 
     from fleetworks.claims import now
     from fleetworks.db import transaction
-    from fleetworks.metrics import add_collector
     from fleetworks.migrate import upgrade
     from fleetworks.ticks import slot_text
-    from tasks.pricing_metrics import PricingCollector
     from tasks.schema import PRICE_CHANGES
 
     upgrade(
         fleet.settings.database,
         str(Path(__file__).resolve().parent.parent / "config" / "migrations"),
     )
-    add_collector(PricingCollector)
+    import config  # noqa: F401  (its app registers the pricing figures on /metrics)
+
     # Given a tick whose slot was 4 s ago, repricing 5 products
     slot = now() - timedelta(seconds=4)
     tick = f"poll-prices@{slot_text(slot)}"
