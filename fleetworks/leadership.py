@@ -67,6 +67,8 @@ from fleetworks import stats
 from fleetworks.db import transaction, upsert
 from fleetworks.locks import EntityLocks, Lease
 from fleetworks.models import LEADER_TERMS
+from fleetworks.redisconn import get_redis
+from fleetworks.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -317,8 +319,6 @@ def backend_from_url(url: str | None, redis_factory: Callable[[], redis.Redis]) 
         return RedisBackend(_cached_locks(redis_factory))
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("redis", "rediss", "unix"):
-        from fleetworks.redisconn import get_redis
-
         return RedisBackend(_cached_locks(lambda: get_redis(url)))
     if scheme == "etcd":
         from fleetworks.leadership_etcd import EtcdBackend
@@ -328,6 +328,31 @@ def backend_from_url(url: str | None, redis_factory: Callable[[], redis.Redis]) 
         f"FLEET_LEADERSHIP_URL {url!r}: expected etcd://host:port[,host:port] or "
         "redis://host:port/db (or unset: the lock store's Redis)"
     )
+
+
+def backend_for(settings: Settings) -> Backend:
+    """The backend the settings name (``FLEET_LEADERSHIP_URL``)."""
+    tls = settings.redis_tls(settings.redis)
+    return backend_from_url(settings.leadership_url, lambda: get_redis(settings.redis, **tls))
+
+
+#: How beat's own election (:mod:`fleetworks.leader`) is named in listings.
+BEAT_GROUP: Final = "beat:"
+
+
+def current_leaders(settings: Settings, app_name: str, prefix: str = "") -> list[LeaderInfo]:
+    """Every group led now (``FLEET_LEADERSHIP_URL``'s backend), and beat's
+    leader of ``app_name`` as group ``beat:<app>`` (always on Redis)."""
+    found = backend_for(settings).list_groups(prefix)
+    beat_group = BEAT_GROUP + app_name
+    if beat_group.startswith(prefix):
+        tls = settings.redis_tls(settings.redis)
+        beat = RedisBackend(
+            _cached_locks(lambda: get_redis(settings.redis, **tls)), prefix=c.BEAT_LEADER_ENTITY
+        ).observe(app_name)
+        if beat is not None:
+            found.append(LeaderInfo(beat_group, beat.leader, beat.term, beat.since, beat.backend))
+    return sorted(found, key=lambda info: info.group)
 
 
 def _cached_locks(factory: Callable[[], redis.Redis]) -> Callable[[], EntityLocks]:
@@ -568,6 +593,8 @@ __all__ = [
     "TermFence",
     "TermFloorError",
     "accept_in",
+    "backend_for",
     "backend_from_url",
+    "current_leaders",
     "highest_in",
 ]

@@ -196,9 +196,19 @@ class EtcdBackend:
             self._revoke(lease)
             raise TermFloorError(f"etcd's term {term} for {group!r} is not above floor {floor}")
         previous = reply["responses"][1].get("response_put", {}).get("prev_kv")
-        if previous and self._stats_redis is not None:
-            stats.count(self._stats_redis(), stats.leader_failovers_field(group))
+        if previous:
+            self._count_failover(group)
         return Term(group, identity, term, str(lease), ttl_s)
+
+    def _count_failover(self, group: str) -> None:
+        if self._stats_redis is None:
+            return
+        try:
+            client = self._stats_redis()
+        except (ValueError, redis.RedisError) as exc:  # never costs the leadership
+            log.warning("etcd: failover of %s not counted (%s)", group, exc)
+            return
+        stats.count(client, stats.leader_failovers_field(group))
 
     def _revoke(self, lease: int) -> None:
         try:
