@@ -203,16 +203,15 @@ class RedisBackend:
         self._locks = locks
         self.prefix = prefix
         self._failovers_field = failovers_field or stats.leader_failovers_field
-        self._scripts: dict[int, Any] = {}
+        self._script: tuple[redis.Redis, Any] | None = None
 
     def entity(self, group: str) -> str:
         return self.prefix + group
 
     def _campaign_script(self, client: redis.Redis) -> Any:
-        script = self._scripts.get(id(client))
-        if script is None:
-            script = self._scripts[id(client)] = client.register_script(_CAMPAIGN)
-        return script
+        if self._script is None or self._script[0] is not client:
+            self._script = (client, client.register_script(_CAMPAIGN))
+        return self._script[1]
 
     def campaign(self, group: str, identity: str, ttl_s: float, floor: int = 0) -> Term | None:
         check_group(group)
@@ -376,7 +375,8 @@ class Election:
     send :attr:`term` with every action so the resource can fence it.
 
     ``on_elected(term)`` and ``on_deposed(term)`` run in the thread that
-    calls :meth:`hold` (or :meth:`resign`), once per leadership. ``floor``
+    calls :meth:`hold` (``on_deposed`` also from :meth:`resign` or
+    :meth:`still_leading`, whichever sees the end first), once per leadership. ``floor``
     returns the highest term the resource has accepted (the resource's
     highest term seeds the next, see the module docstring); it is asked
     before every campaign.
