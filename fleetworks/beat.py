@@ -160,7 +160,7 @@ class FleetScheduler(Scheduler):  # type: ignore[misc]
         if self._advance is None:
             self._advance = self._redis().register_script(_ADVANCE)
         keys = [c.LOCK_KEY + self.leadership.entity, self._slots_key]
-        if not self._advance(keys=keys, args=[lease.token, *advance]):
+        if not self._advance(keys=keys, args=[lease.handle, *advance]):
             log.warning("beat: lead lost while sending; the next leader resends (deduplicated)")
 
     def _send_entry(self, entry: ScheduleEntry, slots: list[datetime]) -> list[datetime]:

@@ -302,6 +302,32 @@ def outcomes(agent: str | None, status: str | None, limit: int, as_json: bool) -
 
 
 @main.command()
+@click.option("--prefix", default="", help="Only groups whose name starts with this.")
+@click.option("--json", "as_json", is_flag=True)
+def leaders(prefix: str, as_json: bool) -> None:
+    """Who leads each group now: leader, term, since when, on which backend
+    (beat's own election shows as ``beat:<app>``)."""
+    from fleetworks.leadership import LeadershipError, current_leaders
+
+    fleet = _fleet()
+    try:
+        found = current_leaders(fleet.settings, fleet.app.main or "fleet", prefix)
+    except LeadershipError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        _print_json({"leaders": [info.as_dict() for info in found]})
+        return
+    if not found:
+        click.echo("no group has a leader")
+    for info in found:
+        since = info.since.isoformat(timespec="seconds") if info.since else "?"
+        click.echo(
+            f"{info.group:<24} {info.leader:<36} term={info.term:<8} since={since} "
+            f"backend={info.backend}"
+        )
+
+
+@main.command()
 @click.option("--agent", default=None)
 @click.option("--limit", default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)

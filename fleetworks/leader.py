@@ -1,4 +1,5 @@
-"""Leader election among beat processes: one lease in Redis, with a term.
+"""Leader election among beat processes: an :class:`~fleetworks.leadership.Election`
+on the Redis backend, with a term.
 
 Any number of beats may run; the one holding the lease schedules, the others
 try to take it at every loop. The lease is an entity lock of
@@ -10,29 +11,28 @@ within the TTL plus one loop, one that stops cleanly releases at once.
 
 A leader that cannot reach Redis does not know whether it still leads, so
 :meth:`Leadership.hold` answers False and it stops scheduling until Redis
-answers again; a paused leader that wakes up after its TTL finds the lease
-gone (or taken) at its next ``hold`` and steps down. The short moment
-between a stall and that check is why ticks are also deduplicated where
-they run (:mod:`fleetworks.ticks`).
+answers again; a paused leader that wakes up after its TTL steps down on its
+own clock at its next ``hold`` (and finds the lease gone or taken). The short
+moment between a stall and that check is why ticks are also deduplicated
+where they run (:mod:`fleetworks.ticks`).
+
+Beat keeps its own key (``fleet:lock:beat-leader:<app>``) and its own
+failover counter (``beat_failovers``), so ``fleetworks_beat_*`` metrics and
+running beats of earlier releases agree on who leads.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
-
-import redis
 
 from fleetworks import constants as c
 from fleetworks import stats
-from fleetworks.locks import EntityLocks, Lease
-
-log = logging.getLogger(__name__)
+from fleetworks.leadership import Election, RedisBackend, Term
+from fleetworks.locks import EntityLocks
 
 
 class Leadership:
-    """This process's claim to lead ``name``."""
+    """This process's claim to lead beat ``name``."""
 
     def __init__(
         self,
@@ -41,58 +41,39 @@ class Leadership:
         identity: str,
         ttl_s: float = c.BEAT_LEASE_TTL_S,
     ) -> None:
-        self._locks = locks
-        self.entity = c.BEAT_LEADER_ENTITY + name
-        self.identity = identity
+        backend = RedisBackend(
+            locks, prefix=c.BEAT_LEADER_ENTITY, failovers_field=lambda _name: stats.BEAT_FAILOVERS
+        )
+        self.election = Election(backend, name, identity, ttl_s)
+        self.entity = backend.entity(name)
         self.ttl_s = ttl_s
-        self._lease: Lease | None = None
-        self._renewed_at = 0.0
 
     @property
-    def lease(self) -> Lease | None:
-        """The lease while this process leads."""
-        return self._lease
+    def identity(self) -> str:
+        return self.election.identity
+
+    @identity.setter
+    def identity(self, value: str) -> None:
+        self.election.identity = value
+
+    @property
+    def lease(self) -> Term | None:
+        """The leadership while this process leads (``handle`` is the lock token)."""
+        return self.election.lease
 
     def hold(self) -> bool:
         """Renew the lease if held, else try to take it; True while leading."""
-        try:
-            if self._lease is not None and self._locks().renew(self._lease):
-                self._renewed_at = time.monotonic()
-                return True
-            if self._lease is not None:
-                log.warning("beat %s: lost the lead (term %d)", self.identity, self.term)
-                self._lease = None
-            lease = self._locks().acquire(self.entity, self.ttl_s, owner=self.identity)
-        except redis.RedisError as exc:
-            return self._unreachable(exc)
-        if lease is None:
-            return False
-        self._lease, self._renewed_at = lease, time.monotonic()
-        log.warning("beat %s: leading (term %d)", self.identity, lease.fencing_token)
-        if lease.fencing_token > 1:  # someone led before: a change of leader
-            stats.count(self._locks().client, stats.BEAT_FAILOVERS)
-        return True
-
-    def _unreachable(self, exc: redis.RedisError) -> bool:
-        if self._lease is not None and time.monotonic() - self._renewed_at > self.ttl_s:
-            log.warning("beat %s: lost the lead, Redis unreachable (%s)", self.identity, exc)
-            self._lease = None
-        return False
+        return self.election.hold()
 
     @property
     def term(self) -> int:
-        return self._lease.fencing_token if self._lease is not None else 0
+        return self.election.term
 
     def leader(self) -> str | None:
         """Who leads now (the holder's identity), as Redis says."""
-        holder = self._locks().holder(self.entity)
-        return holder.rsplit(":", 1)[0] if holder else None
+        info = self.election.leader()
+        return info.leader if info else None
 
     def release(self) -> None:
         """Step down (a clean stop): another beat takes over at its next loop."""
-        lease, self._lease = self._lease, None
-        if lease is not None:
-            try:
-                self._locks().release(lease)
-            except redis.RedisError:
-                log.warning("beat %s: could not release the lead; it expires", self.identity)
+        self.election.resign()

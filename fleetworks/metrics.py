@@ -13,11 +13,18 @@
   workers consuming the queue, as they last reported (absent if none does:
   on Kubernetes the replica count is the HPA's own metric).
 
+from ``FLEET_LEADERSHIP_URL``'s backend (the lock store's Redis, or etcd):
+
+- ``fleetworks_leader_term{group}``: the term of each group's leader now
+  (absent for a group nobody leads);
+
 from the lock store's Redis:
 
 - ``fleetworks_beat_leader``: 1 while a beat holds the leader lease, else 0;
 - ``fleetworks_beat_leader_term``: the leader's term (its fencing token);
 - ``fleetworks_beat_failovers_total``: leaderships won after the first;
+- ``fleetworks_leader_failovers_total{group}``: the same for every leader
+  group (:mod:`fleetworks.leadership`);
 - ``fleetworks_reaper_restored_total``: stranded messages the reaper restored;
 - ``fleetworks_autoscaler_decisions_total{queue,direction}``: pool resizes,
   ``up`` or ``down`` (:mod:`fleetworks.stats`);
@@ -56,6 +63,7 @@ from fleetworks import constants as c
 from fleetworks import stats
 from fleetworks.autoscale.depth import DepthProbe, QueueDepth, probe_for
 from fleetworks.autoscale.policy import Policy
+from fleetworks.leadership import Backend, LeadershipError, backend_for
 from fleetworks.ledger_metrics import LedgerCollector
 from fleetworks.redisconn import get_redis
 from fleetworks.settings import Settings
@@ -87,6 +95,7 @@ class FleetState:
             app, management.get_secret_value() if management else None
         )
         self._lock = threading.Lock()
+        self._leadership: Backend | None = None
         self.policy = Policy(
             min_workers=settings.autoscale_min_workers,
             max_workers=settings.autoscale_max_workers,
@@ -101,6 +110,11 @@ class FleetState:
     def redis(self) -> redis.Redis:
         s = self.settings
         return get_redis(s.redis, **s.redis_tls(s.redis))
+
+    def leadership(self) -> Backend:
+        if self._leadership is None:
+            self._leadership = backend_for(self.settings)
+        return self._leadership
 
     def actual_workers(self) -> dict[str, int]:
         """queue -> pool processes reported by autoscaled workers consuming it."""
@@ -158,6 +172,26 @@ class FleetCollector(Collector):
                 gauges["workers_actual"].add_metric([q], actual[q])
         yield from gauges.values()
         yield from self._decisions()
+        yield from self._leaders()
+
+    def _leaders(self) -> Iterator[Metric]:
+        terms = GaugeMetricFamily(
+            "fleetworks_leader_term", "The term of each group's leader now.", labels=["group"]
+        )
+        try:
+            for info in self.state.leadership().list_groups():
+                terms.add_metric([info.group], info.term)
+        except LeadershipError as exc:
+            log.warning("metrics: leaders unknown (%s)", exc)
+        failovers = CounterMetricFamily(
+            "fleetworks_leader_failovers", "Leaderships of a group won after its first.",
+            labels=["group"],
+        )  # fmt: skip
+        head = stats.LEADER_FAILOVERS + ":"
+        for field, n in sorted(stats.read(self.state.redis()).items()):
+            if field.startswith(head):
+                failovers.add_metric([field[len(head) :]], n)
+        yield from (terms, failovers)
 
     def _decisions(self) -> Iterator[Metric]:
         client = self.state.redis()

@@ -11,6 +11,8 @@ between agents (:mod:`fleetworks.events`). An agent's own tables belong to its
 deployment, on the deployment's metadata and Alembic branch. ``agent_state``
 holds each entity's current state with its version, and
 ``agent_state_history`` every version ever written (:mod:`fleetworks.state`).
+``leader_terms`` the highest leader term accepted per group
+(:mod:`fleetworks.leadership`).
 Every other effect table has a UNIQUE constraint on what must happen once, so a
 duplicate effect fails loudly instead of hiding.
 """
@@ -214,6 +216,18 @@ class StoredWait(Base):
     )
 
 
+class LeaderTerm(Base):
+    """The highest leader term a resource accepted per group
+    (:class:`fleetworks.leadership.TermFence`): an action carrying a lower one
+    is refused, and the next election's term is seeded above it."""
+
+    __tablename__ = "leader_terms"
+
+    group: Mapped[str] = mapped_column(String(200), primary_key=True)
+    highest_term: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 #: Core ``Table`` handles, typed, for statements on hot paths.
 OUTCOMES = cast(Table, Outcome.__table__)
 GUARD_EVENTS = cast(Table, GuardEvent.__table__)
@@ -221,6 +235,7 @@ PROBE_EFFECTS = cast(Table, ProbeEffect.__table__)
 PROBE_EFFECT_LOG = cast(Table, ProbeEffectLog.__table__)
 EVENTS = cast(Table, StoredEvent.__table__)
 WAITS = cast(Table, StoredWait.__table__)
+LEADER_TERMS = cast(Table, LeaderTerm.__table__)
 
 
 class AgentState(Base):

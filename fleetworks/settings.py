@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     otel_endpoint: str | None = None
     #: Print every finished span as JSON on standard output (for a look by hand).
     otel_console: bool = False
+    #: Where leaders per group are elected (:mod:`fleetworks.leadership`):
+    #: ``etcd://host:port[,host:port]``, or a ``redis://`` URL; unset: the
+    #: lock store's Redis.
+    leadership_url: str | None = None
 
     @model_validator(mode="after")
     def _autoscale_bounds(self) -> Settings:
@@ -146,6 +150,16 @@ class Settings(BaseSettings):
                     f"FLEET_OTEL_ENDPOINT {self.otel_endpoint!r} is not an http(s) URL of an "
                     "OTLP/HTTP collector (e.g. http://127.0.0.1:4318)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _leadership_url_scheme(self) -> Settings:
+        url = self.leadership_url
+        if url and not url.startswith(("etcd://", "redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"FLEET_LEADERSHIP_URL {redact(url)!r}: expected etcd://host:port[,host:port] "
+                "or redis://host:port/db (or unset: the lock store's Redis)"
+            )
         return self
 
     @property

@@ -1,6 +1,6 @@
 """Counters of rare fleet decisions, kept in Redis for ``/metrics``.
 
-What the reaper restores, beat's changes of leader and the autoscaler's
+What the reaper restores, beat's and every group's changes of leader and the autoscaler's
 decisions happen a few times a minute at most, in processes that write no
 outcome row for them, so they cannot be counted from the results database
 the way runs are (:mod:`fleetworks.ledger_metrics`). Each is one ``HINCRBY``
@@ -27,6 +27,12 @@ STATS_KEY: Final = c.KEY_PREFIX + "stats"
 
 REAPER_RESTORED: Final = "reaper_restored"
 BEAT_FAILOVERS: Final = "beat_failovers"
+LEADER_FAILOVERS: Final = "leader_failovers"
+
+
+def leader_failovers_field(group: str) -> str:
+    """The counter of leaderships of ``group`` won after its first."""
+    return f"{LEADER_FAILOVERS}:{group}"
 
 
 def autoscale_field(queue: str, direction: str) -> str:

@@ -151,6 +151,30 @@ def test_beat_leadership_and_its_failovers_are_read_from_redis(fleet: Fleet) -> 
     assert scrape(fleet)[("fleetworks_beat_leader", ())] == 0
 
 
+def test_each_groups_leader_term_and_failovers_are_served(fleet: Fleet) -> None:
+    from fleetworks import constants as c
+    from fleetworks.leadership import GROUP_ENTITY, Election, backend_for
+
+    backend = backend_for(fleet.settings)
+    first = Election(backend, "eu-west", "ctl-a", 5)
+    second = Election(backend, "eu-west", "ctl-b", 5)
+    other = Election(backend, "us-east", "ctl-a", 5)
+    # Given two groups: eu-west led by a, which dies and b takes over; us-east led by a
+    assert first.hold() and other.hold()
+    fleet.locks.client.delete(c.LOCK_KEY + GROUP_ENTITY + "eu-west")
+    assert second.hold()
+    # Then each group's term is served, and eu-west's one failover
+    got = scrape(fleet)
+    assert _sample(got, "fleetworks_leader_term", group="eu-west") == 2
+    assert _sample(got, "fleetworks_leader_term", group="us-east") == 1
+    assert _sample(got, "fleetworks_leader_failovers_total", group="eu-west") == 1
+    assert ("fleetworks_leader_failovers_total", (("group", "us-east"),)) not in got
+    # and a group nobody leads has no term
+    second.resign()
+    other.resign()
+    assert ("fleetworks_leader_term", (("group", "eu-west"),)) not in scrape(fleet)
+
+
 def test_relay_lag_is_the_age_of_the_oldest_unrelayed_event(fleet: Fleet) -> None:
     from sqlalchemy import update
 

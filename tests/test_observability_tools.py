@@ -66,6 +66,8 @@ EXPORTED: dict[str, tuple[str, ...]] = {
     "fleetworks_beat_leader": (),
     "fleetworks_beat_leader_term": (),
     "fleetworks_beat_failovers_total": (),
+    "fleetworks_leader_term": ("group",),
+    "fleetworks_leader_failovers_total": ("group",),
     "fleetworks_events_relay_lag_seconds": (),
     "fleetworks_autoscaler_decisions_total": ("queue", "direction"),
     "fleetworks_pricing_products_active": (),
