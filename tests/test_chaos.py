@@ -26,14 +26,15 @@ CHAOS_DB = "fleet_chaos"
 
 
 def chaos_postgres_url() -> str:
+    """A fresh database for one run: what an earlier run (of any revision) left
+    in it must not decide this one."""
     _require_postgres()
     import psycopg
 
     admin = POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(admin, autocommit=True) as conn:
-        found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (CHAOS_DB,)).fetchone()
-        if found is None:
-            conn.execute(f'CREATE DATABASE "{CHAOS_DB}"')
+        conn.execute(f'DROP DATABASE IF EXISTS "{CHAOS_DB}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{CHAOS_DB}"')
     return POSTGRES_URL.rsplit("/", 1)[0] + f"/{CHAOS_DB}"
 
 
