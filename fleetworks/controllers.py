@@ -31,17 +31,21 @@ every renewal; a replica counts as alive while its heartbeat is younger
 than the lease. With ``G`` groups and ``N`` replicas alive the fair share is
 ``ceil(G / N)``:
 
-- a replica campaigns for a group it does not lead only while it leads fewer
-  than its fair share, or when the group has had no leader for longer than
-  one renewal interval (so no group stays leaderless for counting's sake);
+- a replica looks at a group it does not lead every half renewal interval,
+  and campaigns for it only while it leads fewer than its fair share, or when
+  it has seen the group without a leader twice in a row (so no group stays
+  leaderless for counting's sake, and a group just handed over goes to a
+  replica below its share first);
 - a replica leading more than its fair share resigns one group (its last by
   name) per renewal interval, and the replicas below their share take it.
 
 So once the heartbeats are in, no replica leads all groups while another
 leads none (with ``G >= N`` each leads ``floor(G/N)`` or ``ceil(G/N)``).
-A replica that dies or stalls keeps its groups until their leases end; its
-heartbeat ends with them, the others' share grows, and they take the groups
-at their next campaign: within the lease plus one renewal interval.
+A replica that dies or stalls keeps its groups until their leases end (at
+most a lease after its last renewal); within one renewal interval after that
+another replica has seen each group leaderless twice, or the dead one's
+heartbeat has ended and the others' share has grown, and takes it: within
+the lease plus one renewal interval.
 """
 
 from __future__ import annotations
@@ -80,9 +84,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: ``FLEET_CONTROLLER_LEASE_S``: seconds of a group's lease (default 3).
-LEASE_ENV: Final = "FLEET_CONTROLLER_LEASE_S"
-DEFAULT_LEASE_S: Final = 3.0
 #: Sorted set of the replicas of an app: member identity, score its last
 #: heartbeat on Redis's clock.
 REPLICAS_KEY: Final = c.KEY_PREFIX + "controllers:"
@@ -169,23 +170,12 @@ class ControllerContext:
         return accept_in(conn, self.group, self.term)
 
 
-def lease_s_from_env() -> float:
-    raw = os.environ.get(LEASE_ENV, "")
-    if not raw:
-        return DEFAULT_LEASE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0.3 <= value <= 600:
-        raise ValueError(f"{LEASE_ENV}={raw!r}: expected seconds between 0.3 and 600")
-    return value
-
-
 class Replicas:
     """This replica's heartbeat and the count of replicas alive (see module docstring)."""
 
-    def __init__(self, client: Callable[[], redis.Redis], app: str, identity: str, ttl_s: float):
+    def __init__(
+        self, client: Callable[[], redis.Redis], app: str, identity: str, ttl_s: float
+    ) -> None:
         self._client = client
         self.key = REPLICAS_KEY + app
         self.identity = identity
@@ -271,30 +261,34 @@ class GroupLoop:
         self.leaderless_since: float | None = None
         self.cycles = 0
 
-    def _wants(self) -> bool:
+    def _wants(self, now: float) -> bool:
+        """Campaign below the fair share, or for a group seen leaderless twice
+        in a row (half a renewal apart)."""
         if self.share.may_campaign():
             return True
         try:
             leader = self.election.leader()
         except LeadershipError:
             return False
-        now = time.monotonic()
         if leader is not None:
             self.leaderless_since = None
             return False
         if self.leaderless_since is None:
             self.leaderless_since = now
-        return now - self.leaderless_since > self.ttl_s / 3
+            return False
+        return True
 
     def run(self, stop: threading.Event) -> None:
+        """Until ``stop``: a leader renews every third of the lease and runs its
+        cycles in between; a replica that does not lead looks twice as often."""
         renew_s = self.ttl_s / 3
         next_hold = time.monotonic() + random.uniform(0, renew_s / 4)
         next_cycle = 0.0
         while not stop.is_set():
             now = time.monotonic()
             if now >= next_hold:
-                next_hold = now + renew_s * random.uniform(0.9, 1.0)
                 if self.election.lease is not None:
+                    next_hold = now + renew_s * random.uniform(0.9, 1.0)
                     if self.share.should_shed(self.group):
                         log.warning(
                             "controller %s: %s leads more than its share, hands %s over",
@@ -303,8 +297,12 @@ class GroupLoop:
                         self.election.resign()
                     else:
                         self.election.hold()
-                elif self._wants() and self.election.hold():
-                    next_cycle = 0.0
+                else:
+                    next_hold = now + renew_s / 2 * random.uniform(0.8, 1.0)
+                    if self._wants(now) and self.election.hold():
+                        self.leaderless_since = None
+                        next_hold = now + renew_s * random.uniform(0.9, 1.0)
+                        next_cycle = 0.0
             if self.election.still_leading() and time.monotonic() >= next_cycle:
                 next_cycle = time.monotonic() + self.spec.every_s
                 self._cycle()
@@ -342,7 +340,7 @@ class ControllerRunner:
         backend: Backend | None = None,
     ) -> None:
         self.settings = fleet.settings
-        self.ttl_s = ttl_s if ttl_s is not None else lease_s_from_env()
+        self.ttl_s = ttl_s if ttl_s is not None else fleet.settings.controller_lease_s
         self.identity = identity or replica_identity()
         self.backend = backend or backend_for(self.settings)
         s = self.settings
@@ -395,14 +393,11 @@ class ControllerRunner:
 
 
 __all__ = [
-    "DEFAULT_LEASE_S",
-    "LEASE_ENV",
     "ControllerContext",
     "ControllerRunner",
     "ControllerSpec",
     "Replicas",
     "bind_shared",
-    "lease_s_from_env",
     "make_spec",
     "replica_identity",
     "shared_controller",

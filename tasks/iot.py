@@ -17,7 +17,7 @@ import time
 
 from agents import iot
 from config.settings import iot as settings
-from fleetworks.controllers import ControllerContext, shared_controller
+from fleetworks import ControllerContext, shared_controller
 
 CONTROLLER = "iot.regions"
 
