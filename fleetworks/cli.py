@@ -393,7 +393,10 @@ def controllers() -> None:
     _handle_stop_signals()
     stop = threading.Event()
     groups = ", ".join(loop.group for loop in runner.loops)
-    echo(f"controllers {runner.identity}: campaigning for {groups} (lease {runner.ttl_s:g} s)")
+    echo(
+        f"controllers {runner.identity}: campaigning for {groups} on {runner.backend_name} "
+        f"(lease {runner.ttl_s:g} s)"
+    )
     try:
         runner.run(stop)
     except (KeyboardInterrupt, _Stop):

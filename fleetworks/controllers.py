@@ -342,7 +342,7 @@ class ControllerRunner:
         self.settings = fleet.settings
         self.ttl_s = ttl_s if ttl_s is not None else fleet.settings.controller_lease_s
         self.identity = identity or replica_identity()
-        self.backend = backend or backend_for(self.settings)
+        self.backend_name = (backend or backend_for(self.settings)).name
         s = self.settings
         self.replicas = Replicas(
             lambda: get_redis(s.redis, **s.redis_tls(s.redis)),
@@ -359,7 +359,8 @@ class ControllerRunner:
             GroupLoop(
                 spec,
                 g,
-                backend=self.backend,
+                # A backend per group: each thread talks to it on its own.
+                backend=backend or backend_for(s),
                 settings=s,
                 identity=self.identity,
                 ttl_s=self.ttl_s,
