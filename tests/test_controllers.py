@@ -112,11 +112,12 @@ def test_three_replicas_spread_three_groups(replicas: Replicas) -> None:
     # Then each leads exactly one of them (none leads all while another leads none)
     spread = wait_for(replicas.spread, 60, "the groups spread")
     assert sorted(len(gs) for gs in spread.values()) == [1, 1, 1], spread
-    # and it stays that way: each leader's loop runs and its actions land
+    # and it stays that way: each leader's loop runs its group and its actions land
+    seen = {pid: len(replicas.events(pid)) for pid in spread}
     time.sleep(2 * LEASE_S)
     assert replicas.spread() == spread
     for pid, groups in spread.items():
-        acts = [e for e in replicas.events(pid) if e["event"] == "act"]
+        acts = [e for e in replicas.events(pid)[seen[pid] :] if e["event"] == "act"]
         assert {e["group"] for e in acts} == set(groups)
         assert all(e["accepted"] for e in acts)
 
@@ -151,17 +152,20 @@ def test_a_stopped_leaders_late_command_is_refused_by_the_fence(replicas: Replic
     spread = wait_for(replicas.spread, 60, "the groups spread")
     stalled = next(iter(spread))
     (group,) = spread[stalled]
-    seen = len(replicas.events(stalled))
+    start = len(replicas.events(stalled))
 
-    def in_flight() -> dict[str, Any] | None:
-        fresh = replicas.events(stalled)[seen:]
-        return fresh[-1] if fresh and fresh[-1]["event"] == "checked" else None
+    def in_flight() -> int | None:
+        events = replicas.events(stalled)
+        fresh = len(events) > start and events[-1]["event"] == "checked"
+        return len(events) if fresh else None
 
     # Given a leader with a command in flight (it checked that it leads)
-    checked = wait_for(in_flight, 20, "a command in flight")
-    # When it is stopped past its lease
+    seen: int = wait_for(in_flight, 20, "a command in flight")
+    # When it is stopped past its lease, before the command lands
     os.kill(stalled, signal.SIGSTOP)
     stopped = time.monotonic()
+    checked = replicas.events(stalled)[seen - 1]
+    assert len(replicas.events(stalled)) == seen, "stopped with the command in flight"
 
     def successor() -> int | None:
         pid = replicas.leaders()[group]
@@ -191,7 +195,7 @@ def test_a_stopped_leaders_late_command_is_refused_by_the_fence(replicas: Replic
     assert landed["accepted"] is False
     # and it sends nothing more for the group with its old term
     time.sleep(1.0)
-    old = [e for e in replicas.events(stalled)[seen:] if e["term"] == checked["term"]]
+    old = [e for e in replicas.events(stalled)[seen - 1 :] if e["term"] == checked["term"]]
     assert [e["event"] for e in old] == ["checked", "act"], old
 
 
