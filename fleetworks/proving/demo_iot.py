@@ -170,16 +170,24 @@ def count_commands(url: str, since_id: int) -> tuple[int, int, int]:
     return accepted, refused, deposed
 
 
-def late_commands(url: str, since_id: int, sender_pid: int, term_at_most: int) -> tuple[int, int]:
-    """(sent, refused) by the resumed replica after ``since_id`` with its old terms."""
+def late_commands(
+    url: str, since_id: int, sender_pid: int, held: dict[str, int]
+) -> tuple[int, int]:
+    """(sent, refused) by the resumed replica after ``since_id`` with a term no
+    higher than the one it held for that region when it was stopped."""
+    from agents.iot import GROUP_PREFIX
     from tasks.schema import DEVICE_COMMANDS
 
     d = DEVICE_COMMANDS.c
     with transaction(url) as conn:
         rows = conn.execute(
-            select(d.sender, d.accepted).where((d.id > since_id) & (d.term <= term_at_most))
+            select(d.sender, d.region, d.term, d.accepted).where(d.id > since_id)
         ).all()
-    mine = [ok for sender, ok in rows if _pid(str(sender)) == sender_pid]
+    mine = [
+        ok
+        for sender, region, term, ok in rows
+        if _pid(str(sender)) == sender_pid and term <= held.get(GROUP_PREFIX + region, 0)
+    ]
     return len(mine), sum(1 for ok in mine if not ok)
 
 
@@ -240,9 +248,7 @@ def run_iot(
         watch.until(watch.spread_evenly, 30)
         watch.until(lambda: False, 1.0)
         stopped = next(ch for ch in children if ch.pid not in watch.down and watch.led_by(ch.pid))
-        stop_term = max(
-            (watch.terms[g][-1] for g in watch.led_by(stopped.pid) if watch.terms[g]), default=0
-        )
+        held = {g: watch.terms[g][-1] for g in watch.led_by(stopped.pid) if watch.terms[g]}
         report.failovers.append(_fault(watch, stopped, signal.SIGSTOP, "SIGSTOP", 30))
         watch.until(lambda: False, max(0.0, lease_s + 1.0))  # well past its lease
         before_cont = _watermark(url)
@@ -252,7 +258,7 @@ def run_iot(
         watch.until(lambda: False, lease_s + 2.0)  # it wakes, acts late, steps down, rejoins
         progress.update("iot: faults", 2, 2)
         report.late_commands_sent, report.late_commands_refused = late_commands(
-            url, before_cont, stopped.pid, stop_term
+            url, before_cont, stopped.pid, held
         )
         report.no_leader_s = {g: round(s, 2) for g, s in watch.no_leader_s.items()}
         report.terms = watch.terms
