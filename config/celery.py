@@ -17,6 +17,7 @@ TASK_MODULES = [
     "tasks.pricing",
     "tasks.support",
     "tasks.uploads",
+    "tasks.iot",
     "fleetworks.proving.probe",
 ]
 

@@ -58,18 +58,36 @@ class UploadsSettings(BaseSettings):
     max_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
 
 
+class IotSettings(BaseSettings):
+    """``FLEET_IOT_*``: the simulated IoT fleet and its regional controller."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_IOT_", env_file=".env", extra="ignore")
+
+    #: Regions, each a controller group ``region:<name>``.
+    regions: int = Field(default=3, ge=1, le=50)
+    #: Seconds between two cycles of a region's controller.
+    every_s: float = Field(default=0.5, gt=0)
+    #: Setpoint commands a cycle sends (to the devices furthest from target).
+    per_cycle: int = Field(default=10, ge=1, le=10_000)
+    #: Seconds between two commands of a cycle (a device gateway's pace).
+    send_gap_s: float = Field(default=0.02, ge=0)
+
+
 settings: Settings = get_settings()
 mentions = MentionsSettings()
 pricing = PricingSettings()
 support = SupportSettings()
 uploads = UploadsSettings()
+iot = IotSettings()
 
 __all__ = [
+    "IotSettings",
     "MentionsSettings",
     "PricingSettings",
     "Settings",
     "SupportSettings",
     "UploadsSettings",
+    "iot",
     "mentions",
     "pricing",
     "redact",

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from celery import Celery, Task
@@ -41,6 +41,7 @@ from celery import Celery, Task
 from fleetworks import logs, message, reaper
 from fleetworks.constants import SENT_AT_HEADER
 from fleetworks.context import AgentSpec, RunContext
+from fleetworks.controllers import ControllerContext, ControllerSpec, bind_shared, make_spec
 from fleetworks.guard import Behaviour, Delivery, Guard, RetryRequested
 from fleetworks.ledger import Ledger
 from fleetworks.locks import EntityLocks, Heartbeat
@@ -184,11 +185,14 @@ class Fleet:
         self.heartbeat = Heartbeat(lambda: self.locks)
         self.guard = Guard(self.ledger, lambda: self.locks, self.heartbeat, app=app)
         self.agents: dict[str, AgentSpec] = {}
+        #: Controllers declared for this fleet (:mod:`fleetworks.controllers`), by name.
+        self.controllers: dict[str, ControllerSpec] = {}
         self._imported = False
         reaper.register(self)
         _FLEETS[app] = self
         for spec, behaviour, options in _SHARED:
             self.agent(spec, **options)(behaviour)
+        bind_shared(self)
 
     @staticmethod
     def of(app: Celery) -> Fleet:
@@ -251,6 +255,20 @@ class Fleet:
             return task
 
         return bind
+
+    def controller(
+        self, *, groups: Sequence[str], every_s: float, name: str | None = None
+    ) -> Callable[[Callable[[ControllerContext], Any]], Callable[[ControllerContext], Any]]:
+        """Decorator: run ``loop(ctx)`` every ``every_s`` for each of ``groups``,
+        only in that group's leader (``fleetworks controllers``; see
+        :mod:`fleetworks.controllers` for the context, the fence and the spread)."""
+
+        def declare(loop: Callable[[ControllerContext], Any]) -> Callable[[ControllerContext], Any]:
+            spec = make_spec(loop, groups, every_s, name)
+            self.controllers[spec.name] = spec
+            return loop
+
+        return declare
 
     def import_task_modules(self) -> None:
         """Import the app's task modules once (where its agents are declared)."""

@@ -143,6 +143,9 @@ def up(no_flower: bool, no_beat: bool) -> None:
         try:
             fleet.worker(autoscale=True)
             fleet.relay()
+            fleet_.import_task_modules()
+            if fleet_.controllers:
+                fleet.controllers()
             if not no_beat:
                 fleet.beat()
             if not no_flower:
@@ -370,6 +373,38 @@ def relay() -> None:
 
 
 @main.command()
+def controllers() -> None:
+    """Run the app's controllers until stopped: each group's loop runs in its
+    leader only; any number of these processes spread the groups among them."""
+    import threading
+
+    from fleetworks.controllers import ControllerRunner
+    from fleetworks.services import echo, require_broker
+
+    fleet_ = _traced(_fleet(), "fleetworks-controllers")
+    require_broker(fleet_.settings)
+    fleet_.import_task_modules()
+    if not fleet_.controllers:
+        raise click.ClickException(f"app {fleet_.settings.app!r} declares no controllers")
+    try:
+        runner = ControllerRunner(fleet_)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    _handle_stop_signals()
+    stop = threading.Event()
+    groups = ", ".join(loop.group for loop in runner.loops)
+    echo(
+        f"controllers {runner.identity}: campaigning for {groups} on {runner.backend_name} "
+        f"(lease {runner.ttl_s:g} s)"
+    )
+    try:
+        runner.run(stop)
+    except (KeyboardInterrupt, _Stop):
+        stop.set()
+    echo(f"controllers {runner.identity}: stopped")
+
+
+@main.command()
 @click.option("--address", default=None, help="[default: FLEET_INGEST_ADDRESS]")
 @click.option("--port", type=int, default=None, help="[default: FLEET_INGEST_PORT]")
 def ingest(address: str | None, port: int | None) -> None:
@@ -539,6 +574,10 @@ def replay(outcome_id: int, as_json: bool) -> None:
     show_default=True,
     help="Seconds an escalation waits for its acknowledgement in the demo.",
 )
+@click.option(
+    "--devices", default=1000, show_default=True, help="IoT devices steered by region leaders."
+)
+@click.option("--regions", default=3, show_default=True, help="IoT regions (one leader each).")
 @click.option("--timeout", "timeout_s", default=900.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def demo(
@@ -551,20 +590,28 @@ def demo(
     tickets: int,
     files: int,
     ack_timeout_s: float,
+    devices: int,
+    regions: int,
     timeout_s: float,
     as_json: bool,
 ) -> None:
     """A bounded end-to-end run of the mentions, pricing, support and upload
-    agents; exit 0 only if nothing was lost or duplicated. ``--mentions 0``,
-    ``--products 0``, ``--tickets 0`` or ``--files 0`` skips one."""
+    agents and the IoT fleet's region leaders; exit 0 only if nothing was lost
+    or duplicated and no deposed leader's command landed. ``--mentions 0``,
+    ``--products 0``, ``--tickets 0``, ``--files 0`` or ``--devices 0``
+    (``--regions 0``) skips one."""
     from fleetworks.proving import demo as mentions_demo
-    from fleetworks.proving import demo_pricing, demo_support, demo_uploads
+    from fleetworks.proving import demo_iot, demo_pricing, demo_support, demo_uploads
     from fleetworks.services import broker
 
+    if devices < 0 or regions < 0:
+        raise click.BadParameter("--devices and --regions must not be negative")
     _handle_stop_signals()
     settings = _settings()
     _migrate(settings)
-    out: dict[str, Any] = {"mentions": None, "pricing": None, "support": None, "uploads": None}
+    out: dict[str, Any] = {
+        "mentions": None, "pricing": None, "support": None, "uploads": None, "leaders": None,
+    }  # fmt: skip
     text: list[str] = []
     with broker(settings), progress.shown(progress.wanted(as_json)):
         if mentions > 0:
@@ -600,7 +647,17 @@ def demo(
             )  # fmt: skip
             out["support"] = demo_support.as_dict(s)
             text.append(demo_support.render(s))
-    parts = [r for r in (out[k] for k in ("mentions", "pricing", "support", "uploads")) if r]
+        if devices > 0 and regions > 0:
+            try:
+                iot = demo_iot.run_iot(
+                    settings, devices=devices, regions=regions, timeout_s=timeout_s
+                )
+            except RuntimeError as exc:
+                raise click.ClickException(f"IoT demo: {exc}") from None
+            out["leaders"] = demo_iot.as_dict(iot)
+            text.append(demo_iot.render(iot))
+    names = ("mentions", "pricing", "support", "uploads", "leaders")
+    parts = [r for r in (out[k] for k in names) if r]
     out["tasks_lost"] = sum(r["tasks_lost"] for r in parts)
     out["effects_duplicated"] = sum(r["effects_duplicated"] for r in parts)
     out["ok"] = bool(parts) and all(r["ok"] for r in parts)

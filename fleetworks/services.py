@@ -88,6 +88,10 @@ class FleetProcesses:
         argv = [sys.executable, "-m", "fleetworks", "-A", self.settings.app, "relay"]
         return self.add(name, argv)
 
+    def controllers(self, name: str = "controllers") -> Child:
+        argv = [sys.executable, "-m", "fleetworks", "-A", self.settings.app, "controllers"]
+        return self.add(name, argv)
+
     def flower(self) -> Child:
         argv = celery_argv(self.settings.app, "flower", *flower_args(self.settings))
         return self.add("flower", argv)

@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     #: ``etcd://host:port[,host:port]``, or a ``redis://`` URL; unset: the
     #: lock store's Redis.
     leadership_url: str | None = None
+    #: Seconds of a controller group's lease (:mod:`fleetworks.controllers`):
+    #: a replica that dies or stalls loses its groups within this plus a third.
+    controller_lease_s: float = Field(default=3.0, ge=0.3, le=600)
 
     @model_validator(mode="after")
     def _autoscale_bounds(self) -> Settings:

@@ -128,3 +128,33 @@ FILE_SCANS = Table(
     Column("fencing_token", BigInteger, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
+
+#: The simulated IoT fleet (agents/iot.py): one row per device, its telemetry
+#: (``temperature``) and the last setpoint it took, with the term that sent it.
+DEVICES = Table(
+    "devices",
+    metadata,
+    Column("device_id", String(100), primary_key=True),
+    Column("region", String(100), nullable=False),
+    Column("setpoint", Float, nullable=False),
+    Column("temperature", Float, nullable=False),
+    Column("last_term", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_devices_region", "region"),
+)
+
+#: Every setpoint command a device received: its term, and whether the device
+#: took it (a term lower than the highest its region has seen is refused).
+DEVICE_COMMANDS = Table(
+    "device_commands",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("device_id", String(100), nullable=False),
+    Column("region", String(100), nullable=False),
+    Column("term", BigInteger, nullable=False),
+    Column("setpoint", Float, nullable=False),
+    Column("accepted", Boolean, nullable=False),
+    Column("sender", String(200), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_device_commands_region", "region", "id"),
+)

@@ -88,6 +88,9 @@ def test_demo_on_embedded_default_reports_ok(tmp_path: Path) -> None:
     assert sum(c["price_drops_emitted"] for c in pricing["cycles"]) > 0
     assert all(c["alerts_recorded"] == c["price_drops_emitted"] for c in pricing["cycles"])
     assert_support_section(report["support"], 150)
+    # Region leaders over 1,000 devices: one killed, one stopped; no deposed command taken
+    assert report["leaders"]["ok"] is True
+    assert report["leaders"]["accepted_from_deposed_leader"] == 0
     uploads = report["uploads"]
     assert uploads["ok"] is True and uploads["files_dropped"] == 40
     assert uploads["tasks_lost"] == 0 and uploads["effects_duplicated"] == 0
@@ -130,7 +133,7 @@ def test_the_support_scenario_on_postgresql(tmp_path: Path) -> None:
     env["FLEET_DATABASE_URL"] = chaos_postgres_url()
     done = fleetworks(
         "demo", "--mentions", "0", "--products", "0", "--tickets", "150", "--files", "0",
-        "--json",
+        "--devices", "0", "--json",
         env=env, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

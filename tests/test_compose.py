@@ -20,9 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 
-SERVICES = ("redis", "postgres", "migrate", "worker", "beat", "relay", "flower", "metrics")
-APP_SERVICES = ("migrate", "worker", "beat", "relay", "flower", "metrics")
-BACKING_SERVICES = ("redis", "postgres")
+SERVICES = (
+    "redis", "postgres", "etcd", "migrate", "worker", "beat", "relay", "controllers", "flower",
+    "metrics",
+)  # fmt: skip
+APP_SERVICES = ("migrate", "worker", "beat", "relay", "controllers", "flower", "metrics")
+BACKING_SERVICES = ("redis", "postgres", "etcd")
 REQUIRED_ENV = ("FLEET_BROKER_URL", "FLEET_REDIS_URL", "FLEET_DATABASE_URL")
 DEPENDS_CONDITIONS = frozenset(
     {"service_started", "service_healthy", "service_completed_successfully"}
@@ -232,6 +235,18 @@ def test_flower_is_local_and_authenticated(services: dict[str, dict[str, Any]]) 
         host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]
         assert host_ip == "127.0.0.1", f"flower port {port!r} is not bound to 127.0.0.1"
     assert "--basic-auth" in _command(flower)
+
+
+def test_controllers_replicated_and_etcd_pinned(services: dict[str, dict[str, Any]]) -> None:
+    """Two controllers replicas electing on Redis unless told etcd; etcd's image pinned."""
+    controllers = services["controllers"]
+    assert parse(shlex.split(_command(controllers)))[-1][0] == "controllers"
+    assert controllers["deploy"]["replicas"] >= 2
+    leadership = _interpolate(_environment(controllers)["FLEET_LEADERSHIP_URL"])
+    assert leadership == "", "the default election store is the stack's Redis"
+    image = services["etcd"]["image"]
+    name, _, tag = image.rpartition(":")
+    assert name == "quay.io/coreos/etcd" and re.fullmatch(r"v\d+\.\d+\.\d+", tag), image
 
 
 def test_worker_stop_grace_period(services: dict[str, dict[str, Any]]) -> None:

@@ -28,6 +28,7 @@ SECRET = "fleetworks-secrets"
 WORKER = "fleetworks-worker"
 BEAT = "fleetworks-beat"
 RELAY = "fleetworks-relay"
+CONTROLLERS = "fleetworks-controllers"
 FLOWER = "fleetworks-flower"
 METRICS = "fleetworks-metrics"
 IMAGE = "fleetworks:latest"
@@ -299,6 +300,14 @@ def test_the_events_relay_runs_twice(resources: list[dict[str, Any]]) -> None:
     relay = _find(resources, "Deployment", RELAY)
     assert relay["spec"]["replicas"] >= 2
     assert _argv(_containers(relay)[0])[-1] == "relay"
+
+
+def test_controllers_run_twice(resources: list[dict[str, Any]]) -> None:
+    """Two controllers replicas: the groups spread between them, and one takes
+    the other's groups when it goes."""
+    controllers = _find(resources, "Deployment", CONTROLLERS)
+    assert controllers["spec"]["replicas"] >= 2
+    assert _argv(_containers(controllers)[0])[-1] == "controllers"
 
 
 def test_scaled_object_targets_worker(resources: list[dict[str, Any]]) -> None:

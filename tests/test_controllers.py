@@ -1,0 +1,235 @@
+"""Controllers: ``fleetworks controllers`` replicas spread the groups, take over
+a killed replica's groups within the lease and one renewal, and a stopped
+leader's late command is refused where it lands; the IoT demo on top."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from fleetworks.controllers import make_spec
+from fleetworks.leadership import Backend, backend_from_url
+from tests.conftest import LOCKS_URL, wait_for
+from tests.test_cli import embedded_env, fleetworks
+
+REPO = Path(__file__).resolve().parent.parent
+#: The controllers' lease in these tests, and their renewal interval.
+LEASE_S = 2.0
+RENEW_S = LEASE_S / 3
+#: What a busy 2-core machine adds on top of lease + renewal.
+SLACK_S = 1.5
+
+
+class Replicas:
+    """``fleetworks -A tests.controllers_app controllers`` processes over ``groups``."""
+
+    def __init__(self, groups: list[str], database_url: str, folder: Path) -> None:
+        self.groups, self.folder = groups, folder
+        self.env = dict(os.environ)
+        self.env.update(
+            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            FLEET_DATABASE_URL=database_url,
+            FLEET_HOME=str(folder / ".fleet"),
+            FLEET_CONTROLLER_LEASE_S=str(LEASE_S),
+            CTL_GROUPS=",".join(groups),
+            CTL_APP_NAME=f"ctl{uuid.uuid4().hex[:8]}",
+            CTL_REPORT_DIR=str(folder),
+        )
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.backend: Backend = backend_from_url(None, lambda: redis.Redis.from_url(LOCKS_URL))
+
+    def start(self, count: int) -> None:
+        for i in range(count):
+            log = (self.folder / f"replica-{i}.log").open("ab")
+            argv = [sys.executable, "-m", "fleetworks", "-A", "tests.controllers_app",
+                    "controllers"]  # fmt: skip
+            self.procs.append(
+                subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=log)
+            )
+
+    def leaders(self) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for g in self.groups:
+            info = self.backend.observe(g)
+            out[g] = int(info.leader.rsplit("/", 1)[1]) if info is not None else None
+        return out
+
+    def term(self, group: str) -> int:
+        info = self.backend.observe(group)
+        return info.term if info is not None else 0
+
+    def spread(self) -> dict[int, list[str]] | None:
+        """Leaders per live replica, once every group is led and each live one leads one."""
+        live = [p.pid for p in self.procs if p.poll() is None]
+        by: dict[int, list[str]] = {pid: [] for pid in live}
+        for g, pid in self.leaders().items():
+            if pid not in by:
+                return None
+            by[pid].append(g)
+        return by if all(len(gs) >= 1 for gs in by.values()) else None
+
+    def events(self, pid: int) -> list[dict[str, Any]]:
+        path = self.folder / f"{pid}.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+@pytest.fixture
+def replicas(sqlite_url: str, tmp_path: Path, redis_client: redis.Redis) -> Iterator[Replicas]:
+    tag = uuid.uuid4().hex[:6]
+    group = Replicas([f"region:{r}-{tag}" for r in ("eu", "us", "ap")], sqlite_url, tmp_path)
+    yield group
+    group.stop()
+
+
+def test_three_replicas_spread_three_groups(replicas: Replicas) -> None:
+    # Given three replicas over three groups
+    replicas.start(3)
+    # Then each leads exactly one of them (none leads all while another leads none)
+    spread = wait_for(replicas.spread, 60, "the groups spread")
+    assert sorted(len(gs) for gs in spread.values()) == [1, 1, 1], spread
+    # and it stays that way: each leader's loop runs its group and its actions land
+    seen = {pid: len(replicas.events(pid)) for pid in spread}
+    time.sleep(2 * LEASE_S)
+    assert replicas.spread() == spread
+    for pid, groups in spread.items():
+        acts = [e for e in replicas.events(pid)[seen[pid] :] if e["event"] == "act"]
+        assert {e["group"] for e in acts} == set(groups)
+        assert all(e["accepted"] for e in acts)
+
+
+def test_a_killed_replicas_group_is_taken_within_the_lease_and_one_renewal(
+    replicas: Replicas,
+) -> None:
+    replicas.start(3)
+    spread = wait_for(replicas.spread, 60, "the groups spread")
+    victim = next(iter(spread))
+    (group,) = spread[victim]
+    term = replicas.term(group)
+    # When the replica leading it is killed with no chance to resign
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+
+    def taken() -> bool:
+        return replicas.leaders()[group] not in (None, victim)
+
+    wait_for(taken, 30, "another leader")
+    took = time.monotonic() - killed
+    print(f"\ncontroller failover after SIGKILL: {took:.2f} s")
+    # Then another replica leads it in a higher term, within lease + one renewal
+    assert took < LEASE_S + RENEW_S + SLACK_S, took
+    assert replicas.term(group) > term
+    # and the two left share the three groups (two and one)
+    assert sorted(len(gs) for gs in wait_for(replicas.spread, 10, "a spread").values()) == [1, 2]
+
+
+def test_a_stopped_leaders_late_command_is_refused_by_the_fence(replicas: Replicas) -> None:
+    replicas.start(3)
+    spread = wait_for(replicas.spread, 60, "the groups spread")
+    stalled = next(iter(spread))
+    (group,) = spread[stalled]
+    start = len(replicas.events(stalled))
+
+    def in_flight() -> int | None:
+        events = replicas.events(stalled)
+        fresh = len(events) > start and events[-1]["event"] == "checked"
+        return len(events) if fresh else None
+
+    # Given a leader with a command in flight (it checked that it leads)
+    seen: int = wait_for(in_flight, 20, "a command in flight")
+    # When it is stopped past its lease, before the command lands
+    os.kill(stalled, signal.SIGSTOP)
+    stopped = time.monotonic()
+    checked = replicas.events(stalled)[seen - 1]
+    assert len(replicas.events(stalled)) == seen, "stopped with the command in flight"
+
+    def successor() -> int | None:
+        pid = replicas.leaders()[group]
+        return pid if pid not in (None, stalled) else None
+
+    new = wait_for(successor, 30, "another leader")
+    new_term = replicas.term(group)
+    assert new_term > checked["term"]
+    wait_for(
+        lambda: any(
+            e["event"] == "act" and e["group"] == group and e["term"] == new_term and e["accepted"]
+            for e in replicas.events(new)
+        ),
+        10,
+        "the new leader to act",
+    )
+    assert time.monotonic() - stopped > LEASE_S
+    os.kill(stalled, signal.SIGCONT)
+
+    # Then the command it had in flight lands with its old term and is refused
+    def late() -> dict[str, Any] | None:
+        acts = [e for e in replicas.events(stalled)[seen:] if e["event"] == "act"]
+        return acts[0] if acts else None
+
+    landed = wait_for(late, 15, "the late command")
+    assert landed["term"] == checked["term"] and landed["group"] == group
+    assert landed["accepted"] is False
+    # and it sends nothing more for the group with its old term
+    time.sleep(1.0)
+    old = [e for e in replicas.events(stalled)[seen - 1 :] if e["term"] == checked["term"]]
+    assert [e["event"] for e in old] == ["checked", "act"], old
+
+
+@pytest.mark.parametrize(
+    ("groups", "every_s", "wrong"),
+    [
+        ([], 1.0, "non-empty"),
+        ("region:eu", 1.0, "non-empty list"),
+        (["a", "a"], 1.0, "distinct"),
+        (["has space"], 1.0, "without whitespace"),
+        (["a"], 0.0, "every_s must be positive"),
+    ],
+)
+def test_a_bad_declaration_names_what_is_wrong(groups: Any, every_s: float, wrong: str) -> None:
+    with pytest.raises(ValueError, match=wrong):
+        make_spec(lambda ctx: None, groups, every_s)
+
+
+def test_demo_leaders_part_has_no_command_from_a_deposed_leader(tmp_path: Path) -> None:
+    env = embedded_env(tmp_path / ".fleet")
+    done = fleetworks(
+        "demo", "--mentions", "0", "--products", "0", "--tickets", "0", "--files", "0",
+        "--devices", "300", "--regions", "3", "--json",
+        env=env, cwd=tmp_path, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    leaders = report["leaders"]
+    print(f"\nleaders: {json.dumps({k: v for k, v in leaders.items() if k != 'terms'})}")
+    assert report["ok"] is True and leaders["ok"] is True
+    assert leaders["replicas"] == 3 and len(leaders["groups"]) == 3
+    assert [f["fault"] for f in leaders["failovers"]] == ["SIGKILL", "SIGSTOP"]
+    assert leaders["failover_max_s"] < 5.0
+    assert leaders["commands_accepted"] > 0
+    assert leaders["accepted_from_deposed_leader"] == 0
+    assert leaders["late_commands_refused"] == leaders["late_commands_sent"]
+    assert all(len(gs) == 1 for gs in leaders["spread"].values())
