@@ -41,7 +41,7 @@ lint: dev
 	$(BIN)/mypy
 
 test: lint tools
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" --durations=25
 
 test-slow: dev tools
 	$(BIN)/python -m pytest -m slow

@@ -31,14 +31,17 @@ task as ``STARTED`` forever (celery/celery#4222, mher/flower#487).
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from celery import Celery, Task
+from kombu.transport.native_delayed_delivery import MAX_NUMBER_OF_BITS_TO_USE
 
-from fleetworks import logs, message, reaper
+from fleetworks import logs, message, reaper, retention
 from fleetworks.constants import SENT_AT_HEADER
 from fleetworks.context import AgentSpec, RunContext
 from fleetworks.controllers import ControllerContext, ControllerSpec, bind_shared, make_spec
@@ -57,10 +60,26 @@ SOFT_LIMIT_SHARE = 0.9
 
 log = logging.getLogger(__name__)
 
+#: The prefix Celery's native delayed delivery (RabbitMQ quorum queues) puts
+#: before a delayed message's routing key: the countdown, one bit per word.
+_DELAY_PREFIX = re.compile(rf"^(?:[01]\.){{{MAX_NUMBER_OF_BITS_TO_USE}}}")
+
+
+def queue_of(routing_key: str | None) -> str | None:
+    """The queue a message was sent to, from its routing key: a message that
+    went through native delayed delivery carries its countdown in front."""
+    return _DELAY_PREFIX.sub("", routing_key, count=1) if routing_key else routing_key
+
+
 _FLEETS: weakref.WeakKeyDictionary[Celery, Fleet] = weakref.WeakKeyDictionary()
 
 #: Agents declared with :func:`shared_agent`: bound to every fleet, present and future.
 _SHARED: list[tuple[AgentSpec, Behaviour, dict[str, Any]]] = []
+
+
+def fleets() -> list[Fleet]:
+    """The fleets of this process, the newest first."""
+    return list(reversed(list(_FLEETS.values())))
 
 
 def shared_agent(spec: AgentSpec, **options: Any) -> Callable[[Behaviour], Behaviour]:
@@ -102,6 +121,9 @@ class AgentTask(GuardedTask):
     fleet: ClassVar[Fleet]
     agent_spec: ClassVar[AgentSpec]
     behaviour: ClassVar[Behaviour]
+    #: The lease and the visibility timeout derive from the spec's time limit:
+    #: a message cannot set another (a shorter one would kill the pool process).
+    keeps_own_time_limits = True
 
     def run_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         request = self.request
@@ -112,19 +134,28 @@ class AgentTask(GuardedTask):
             args=tuple(args),
             kwargs=kwargs,
             retries=request.retries or 0,
-            queue=info.get("routing_key"),
+            queue=_queue_name(queue_of(info.get("routing_key"))),
             delivery_tag=str(info.get("delivery_tag") or ""),
             sent_at=_sent_at(request),
         )
         with logs.bind_run(agent=self.name, task_id=delivery.task_id, worker=delivery.worker):
             return self._guarded(delivery, kwargs)
 
+    def eta_horizon_s(self) -> float | None:
+        """A message due later than the visibility timeout would be handed out again first."""
+        return self.fleet.timings.visibility_timeout_s
+
     def _guarded(self, delivery: Delivery, kwargs: dict[str, Any]) -> Any:
         """The guard's run, its decision turned into the Celery state Flower shows."""
         try:
             result = self.fleet.guard.run(self.agent_spec, type(self).behaviour, delivery)
         except RetryRequested as again:
-            raise self.retry(countdown=again.countdown, max_retries=None, exc=again.exc) from None
+            countdown = again.countdown
+            if self.fleet.settings.queue_type == "quorum":
+                # Native delayed delivery counts whole seconds and refuses a
+                # countdown under one: round up, never down to no wait at all.
+                countdown = math.ceil(countdown)
+            raise self.retry(countdown=countdown, max_retries=None, exc=again.exc) from None
         except Exception as exc:
             key = self.key_of(kwargs)
             if key is None or not self._is_dead(key):
@@ -189,6 +220,7 @@ class Fleet:
         self.controllers: dict[str, ControllerSpec] = {}
         self._imported = False
         reaper.register(self)
+        retention.register(self)
         _FLEETS[app] = self
         for spec, behaviour, options in _SHARED:
             self.agent(spec, **options)(behaviour)
@@ -304,6 +336,13 @@ def _sent_at(request: Any) -> float | None:
     if stamp is None:
         stamp = (getattr(request, "headers", None) or {}).get(SENT_AT_HEADER)
     return float(stamp) if isinstance(stamp, int | float) and not isinstance(stamp, bool) else None
+
+
+def _queue_name(routing_key: Any) -> str | None:
+    """The queue a delivery came from, when its routing key is one a row can hold."""
+    if isinstance(routing_key, str) and 0 < len(routing_key) <= 200:
+        return routing_key if message.unstorable_text(routing_key) is None else None
+    return None
 
 
 def _agent_run(task: AgentTask, *args: Any, **kwargs: Any) -> Any:

@@ -41,7 +41,7 @@ from celery.signals import (
 from kombu.entity import Queue
 
 from fleetworks import constants as c
-from fleetworks import db, kombu_redis, logs, redisconn, timing
+from fleetworks import db, holders, kombu_redis, logs, outbox, redisconn, retention, timing
 from fleetworks import tracing as _tracing  # noqa: F401  (connects the process signals)
 from fleetworks.reaper import REAP_TASK, control_queue
 from fleetworks.reaper import schedule_entry as reaper_entry
@@ -76,7 +76,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,
         "task_store_errors_even_if_ignored": False,
         "task_default_queue": settings.queue,
-        "task_queues": [Queue(settings.queue), Queue(control_queue(settings.queue))],  # type: ignore[no-untyped-call]
+        "task_queues": [
+            fleet_queue(settings, name) for name in (settings.queue, control_queue(settings.queue))
+        ],
         "task_create_missing_queues": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
@@ -92,6 +94,49 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "beat_max_loop_interval": c.BEAT_LOOP_S,
         "timezone": "UTC",
         "enable_utc": True,
+        **queue_type_config(settings),
+    }
+
+
+#: Queue arguments of a RabbitMQ quorum queue.
+QUORUM_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
+
+
+def fleet_queue(settings: Settings, name: str) -> Queue:
+    """A queue the fleet declares (its agent queue, its control queue), of the
+    settings' queue type, bound under its own name.
+
+    Celery would bind a queue declared without a routing key under the
+    default one (the agent queue's name): through an exchange that routes by
+    binding (a topic exchange, as quorum queues use), every message for the
+    agent queue would then land on the control queue too. On a direct
+    exchange Celery sends straight to the queue, so classic queues never
+    showed it.
+    """
+    arguments = dict(QUORUM_ARGUMENTS) if settings.queue_type == "quorum" else None
+    return Queue(name, routing_key=name, queue_arguments=arguments)  # type: ignore[no-untyped-call]
+
+
+def queue_type_config(settings: Settings) -> dict[str, Any]:
+    """The Celery settings quorum queues need (``FLEET_QUEUE_TYPE=quorum``, RabbitMQ).
+
+    Following Celery's "Using Quorum Queues": every queue the fleet declares
+    or creates on the fly is a quorum queue; the workers use per-consumer
+    QoS (quorum queues have no global QoS); countdowns (the guard's retries)
+    go through Celery's native delayed delivery, which binds topic exchanges
+    only, so the fleet's exchanges are topic exchanges; publisher confirms
+    are on for every RabbitMQ broker (:func:`transport_options`). Quorum
+    queues have no priorities: the fleet sets none, and refuses an app that
+    does (:func:`check_guarantees`).
+    """
+    if settings.queue_type != "quorum":
+        return {}
+    return {
+        "task_default_queue_type": "quorum",
+        "task_create_missing_queue_type": "quorum",
+        "task_default_exchange_type": "topic",
+        "task_create_missing_queue_exchange_type": "topic",
+        "worker_detect_quorum_queues": True,
     }
 
 
@@ -102,11 +147,16 @@ def visibility_timeout_s(settings: Settings) -> float:
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
-    return {
+    """kombu's transport options: the Redis transport's visibility timeout and
+    restore pace (other transports ignore them); on RabbitMQ, publisher confirms."""
+    options: dict[str, Any] = {
         "visibility_timeout": visibility_timeout_s(settings),
         "unacked_restore_interval": timing.UNACKED_RESTORE_INTERVAL_S,
         "unacked_restore_throttle": 1,
     }
+    if settings.amqp:
+        options["confirm_publish"] = True
+    return options
 
 
 def broker_tls(settings: Settings) -> dict[str, Any] | None:
@@ -152,6 +202,17 @@ def check_guarantees(app: Celery, settings: Settings) -> None:
                 f"{key} is False: a fleet acknowledges a message only after its outcome "
                 "is written, and requeues it when a pool process is lost"
             )
+    if settings.queue_type == "quorum":
+        if _chosen(app, "task_queue_max_priority") is not None:
+            raise GuaranteeError(
+                "task_queue_max_priority is set with FLEET_QUEUE_TYPE=quorum: quorum queues "
+                "have no priorities (RabbitMQ refuses to declare them)"
+            )
+        if _set(app, "worker_detect_quorum_queues") and not app.conf.worker_detect_quorum_queues:
+            raise GuaranteeError(
+                "worker_detect_quorum_queues is False with FLEET_QUEUE_TYPE=quorum: the workers "
+                "would ask for global QoS, which quorum queues refuse"
+            )
     options = _chosen(app, "broker_transport_options") or {}
     chosen = options.get("visibility_timeout")
     needed = visibility_timeout_s(settings)
@@ -169,15 +230,20 @@ def _merged(app: Celery, settings: Settings) -> dict[str, Any]:
     broker = _chosen(app, "broker_url")
     if broker and settings.broker_url is None:
         config.pop("broker_url")
-    for key in ("task_default_queue", "task_queues", "timezone", "enable_utc"):
+    kept = ("task_default_queue", "task_queues", "task_default_exchange_type", "timezone",
+            "enable_utc")  # fmt: skip
+    for key in kept:
         if _set(app, key):
-            config.pop(key)
+            config.pop(key, None)
     own_queues = _chosen(app, "task_queues")
     if own_queues:
         # The team's queues stay; the fleet's control queue joins them.
         control = control_queue(settings.queue)
         names = {q.name for q in own_queues}
-        config["task_queues"] = [*own_queues, *([] if control in names else [Queue(control)])]  # type: ignore[no-untyped-call]
+        config["task_queues"] = [
+            *own_queues,
+            *([] if control in names else [fleet_queue(settings, control)]),
+        ]
     options = dict(_chosen(app, "broker_transport_options") or {})
     config["broker_transport_options"] = {**options, **config["broker_transport_options"]}
     return config
@@ -222,9 +288,16 @@ def init_app(
     if not any(entry.get("task") == REAP_TASK for entry in schedule.values()):
         # Every fleet's beat runs the reaper (fleetworks.reaper).
         schedule["fleet-reap-orphaned-claims"] = reaper_entry(settings.queue)
+    if settings.outcomes_keep_days is not None and not any(
+        entry.get("task") == retention.PRUNE_TASK for entry in schedule.values()
+    ):
+        schedule["fleet-prune-outcomes"] = retention.schedule_entry(settings.queue)
     app.conf.beat_schedule = schedule
-    if kombu_redis.PromptReap not in app.steps["worker"]:
-        app.steps["worker"].add(kombu_redis.PromptReap)
+    for step in (kombu_redis.PromptReap, holders.Snapshots):
+        if step not in app.steps["worker"]:
+            app.steps["worker"].add(step)
+    if kombu_redis.GuardTaskHandler not in app.steps["consumer"]:
+        app.steps["consumer"].add(kombu_redis.GuardTaskHandler)
     timing.Timings.from_settings(settings).check()
     return Fleet(app, settings, migrations=migrations)
 
@@ -250,7 +323,8 @@ def load_app(ref: str) -> Celery:
         sys.path.insert(0, os.getcwd())
     try:
         found = find_app(ref)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, ValueError) as exc:
+        # ValueError: a reference with an empty module name (``:``, ``:app``).
         raise LookupError(f"cannot load the Celery app {ref!r}: {exc}") from exc
     if not isinstance(found, Celery):
         raise LookupError(f"{ref!r} is a {type(found).__name__}, not a Celery app")
@@ -283,7 +357,17 @@ celeryd_init.connect(logs.quiet_worker_banner, weak=False)
 
 
 @before_task_publish.connect  # type: ignore[untyped-decorator]
-def _stamp_sent_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
-    """When the message left: the depth probe reads the oldest waiting age from it."""
-    if headers is not None:
-        headers.setdefault(c.SENT_AT_HEADER, time.time())
+def _stamp_sent_at(
+    headers: dict[str, Any] | None = None,
+    body: Any = None,
+    routing_key: str | None = None,
+    properties: dict[str, Any] | None = None,
+    **_: Any,
+) -> None:
+    """When the message left (the depth probe reads the oldest waiting age from
+    it, the outbox its time); then the outbox records an agent message before
+    it leaves (:mod:`fleetworks.outbox`)."""
+    if headers is None:
+        return
+    headers[c.SENT_AT_HEADER] = time.time()
+    outbox.on_publish(headers, body, routing_key, properties or {})

@@ -69,6 +69,11 @@ return 1
 """
 
 
+def slots_key(app_name: str) -> str:
+    """The Redis hash of each entry's handled-to time, for the app named ``app_name``."""
+    return f"{c.BEAT_SLOTS_KEY}{app_name}:slots"
+
+
 def _ms(at: datetime) -> int:
     return round(at.timestamp() * 1000)
 
@@ -89,7 +94,7 @@ class FleetScheduler(Scheduler):  # type: ignore[misc]
         self._advance: Callable[..., Any] | None = None
         identity = f"beat@{socket.gethostname()}/{os.getpid()}"
         self.leadership = Leadership(self._entity_locks, app.main or "fleet", identity)
-        self._slots_key = f"{c.BEAT_SLOTS_KEY}{app.main or 'fleet'}:slots"
+        self._slots_key = slots_key(app.main or "fleet")
         self._policies: dict[str, ticks.Misfire] = {}
         super().__init__(app, *args, **kwargs)
 

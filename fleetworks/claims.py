@@ -146,7 +146,7 @@ def claim(
             "entity_key": entity_key,
             "idempotency_key": idempotency_key,
             "fencing_token": fencing_token,
-            "task_id": task_id,
+            "task_id": stored_task_id(task_id),
             "worker": worker,
             "queue": queue,
             "payload": payload,
@@ -260,7 +260,7 @@ def reject(
         idempotency_key=f"rejected:{storable(task_id, 400)}",
         status=Status.REJECTED,
         attempts=1,
-        task_id=task_id,
+        task_id=stored_task_id(task_id),
         worker=worker,
         started_at=at,
         finished_at=at,
@@ -285,7 +285,7 @@ def record_event(
             kind=kind,
             agent=agent,
             idempotency_key=idempotency_key,
-            task_id=task_id,
+            task_id=stored_task_id(task_id),
             worker=worker,
             at=now(),
             detail=_clip(detail),
@@ -300,6 +300,11 @@ def storable(text: str, limit: int) -> str:
     if "\x00" in text or not encodable(text):
         text = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
     return text if len(text) <= limit else text[: limit - 15] + "... [truncated]"
+
+
+def stored_task_id(task_id: str | None) -> str | None:
+    """A message's task id as the ``task_id`` columns hold it (see :func:`storable`)."""
+    return None if task_id is None else storable(task_id, c.MAX_TASK_ID_CHARS)
 
 
 def _clip(text: str | None) -> str | None:

@@ -15,10 +15,13 @@ import click
 from pydantic import ValidationError
 
 from fleetworks import logs, progress
-from fleetworks.settings import Settings, get_settings, redact
+from fleetworks.settings import Settings, describe, get_settings, redact
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from fleetworks.agent import Fleet
+    from fleetworks.proving.chaos import StopFlag
 
 
 def _app_ref() -> str:
@@ -30,7 +33,7 @@ def _app_ref() -> str:
     try:
         return get_settings().app
     except ValidationError as exc:
-        raise click.ClickException(f"invalid FLEET_* settings: {exc}") from None
+        raise click.ClickException(f"invalid FLEET_* settings:\n{describe(exc)}") from None
 
 
 def _fleet() -> Fleet:
@@ -41,7 +44,7 @@ def _fleet() -> Fleet:
     try:
         fleet = fleet_of(load_app(ref))
     except ValidationError as exc:
-        raise click.ClickException(f"invalid FLEET_* settings: {exc}") from None
+        raise click.ClickException(f"invalid FLEET_* settings:\n{describe(exc)}") from None
     except LookupError as exc:
         raise click.ClickException(str(exc)) from None
     fleet.settings = fleet.settings.model_copy(update={"app": ref})
@@ -70,7 +73,42 @@ def _migrate(settings: Settings) -> None:
     upgrade(settings.database, _fleet().migrations)
 
 
-@click.group()
+#: The ranges of the counts and times commands take: a number out of them is a
+#: usage error naming the option, not an overflow or a division by zero later.
+_LIMIT = click.IntRange(1, 100_000)
+_SIZE = click.IntRange(0, 10_000_000)
+_TASKS = click.IntRange(1, 10_000_000)
+_ROUNDS = click.IntRange(1, 10_000)
+_SECONDS = click.FloatRange(0, 7 * 86_400)
+
+
+class _FleetGroup(click.Group):
+    """The ``fleetworks`` group: a results database that cannot answer is a
+    message naming it (exit 1), not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from sqlalchemy.exc import OperationalError, ProgrammingError
+
+        try:
+            return super().invoke(ctx)
+        except (OperationalError, ProgrammingError) as exc:
+            raise click.ClickException(_database_problem(exc)) from None
+
+
+def _database_problem(exc: Exception) -> str:
+    from fleetworks.settings import redact
+
+    cause = str(getattr(exc, "orig", exc)).strip().splitlines()[0][:300]
+    try:
+        where = redact(_settings().database)
+    except (click.ClickException, ValidationError):
+        where = "the results database"
+    if "no such table" in cause or ("relation" in cause and "does not exist" in cause):
+        return f"{where} has no fleetworks tables ({cause}): run `fleetworks db upgrade`"
+    return f"{where} could not answer: {cause}"
+
+
+@click.group(cls=_FleetGroup)
 @click.version_option(package_name="fleetworks")
 @click.option(
     "-A",
@@ -96,6 +134,35 @@ def main(app_ref: str | None) -> None:
 @main.group()
 def db() -> None:
     """The results database."""
+
+
+@db.command("prune")
+@click.option(
+    "--keep-days",
+    type=click.FloatRange(min=0, min_open=True, max=1e6),
+    default=None,
+    help="Days to keep [default: FLEET_OUTCOMES_KEEP_DAYS].",
+)
+@click.option("--json", "as_json", is_flag=True)
+def db_prune(keep_days: float | None, as_json: bool) -> None:
+    """Delete settled outcome rows (succeeded, rejected) and guard events older
+    than KEEP_DAYS; never a claim in flight, a failed run awaiting its retry, or
+    a dead one. A pruned key runs again if its message is ever sent again."""
+    from fleetworks.retention import prune
+
+    settings = _settings()
+    keep = keep_days if keep_days is not None else settings.outcomes_keep_days
+    if keep is None:
+        raise click.UsageError("give --keep-days or set FLEET_OUTCOMES_KEEP_DAYS")
+    _migrate(settings)
+    pruned = prune(settings.database, keep)
+    if as_json:
+        _print_json(pruned.as_dict())
+    else:
+        click.echo(
+            f"pruned {pruned.outcomes} outcome rows and {pruned.guard_events} guard events "
+            f"from before {pruned.before:%Y-%m-%d %H:%M:%S} UTC"
+        )
 
 
 @db.command("upgrade")
@@ -283,7 +350,7 @@ def enqueue(agent: str, payload: str, key: str | None, as_json: bool) -> None:
 @main.command()
 @click.option("--agent", default=None)
 @click.option("--status", default=None, help="claimed, succeeded, failed or rejected")
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", type=_LIMIT, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def outcomes(agent: str | None, status: str | None, limit: int, as_json: bool) -> None:
     """The newest outcome rows, and the count per status."""
@@ -332,7 +399,7 @@ def leaders(prefix: str, as_json: bool) -> None:
 
 @main.command()
 @click.option("--agent", default=None)
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", type=_LIMIT, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def dead(agent: str | None, limit: int, as_json: bool) -> None:
     """Dead letters: keys that ran out of deliveries or retries, with their last error."""
@@ -452,7 +519,7 @@ def watch(folder: Path, topic: str) -> None:
 @main.group(invoke_without_command=True)
 @click.option("--topic", "topics", multiple=True, help="Only this topic (repeatable).")
 @click.option("--key", default=None, help="Only events with this key.")
-@click.option("--limit", default=50, show_default=True, help="The newest N.")
+@click.option("--limit", type=_LIMIT, default=50, show_default=True, help="The newest N.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def events(
@@ -554,31 +621,48 @@ def replay(outcome_id: int, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--mentions", default=1000, show_default=True, help="Distinct mentions to feed.")
-@click.option("--duplicate-rate", default=0.25, show_default=True)
-@click.option("--products", default=1000, show_default=True, help="Catalogue size to reprice.")
-@click.option("--cycles", default=2, show_default=True, help="Pricing cycles to wait for.")
+@click.option(
+    "--mentions", type=_SIZE, default=1000, show_default=True, help="Distinct mentions to feed."
+)
+@click.option("--duplicate-rate", type=click.FloatRange(0, 1), default=0.25, show_default=True)
+@click.option(
+    "--products", type=_SIZE, default=1000, show_default=True, help="Catalogue size to reprice."
+)
+@click.option(
+    "--cycles", type=_ROUNDS, default=2, show_default=True, help="Pricing cycles to wait for."
+)
 @click.option(
     "--interval",
     "interval_s",
-    type=float,
+    type=_SECONDS,
     default=None,
     help="Seconds between pricing ticks [default: about twice a cycle's expected time].",
 )
-@click.option("--tickets", default=300, show_default=True, help="Support tickets to triage.")
-@click.option("--files", default=60, show_default=True, help="Files to drop for the scanner.")
+@click.option(
+    "--tickets", type=_SIZE, default=300, show_default=True, help="Support tickets to triage."
+)
+@click.option(
+    "--files", type=_SIZE, default=60, show_default=True, help="Files to drop for the scanner."
+)
 @click.option(
     "--ack-timeout",
     "ack_timeout_s",
+    type=_SECONDS,
     default=3.0,
     show_default=True,
     help="Seconds an escalation waits for its acknowledgement in the demo.",
 )
 @click.option(
-    "--devices", default=1000, show_default=True, help="IoT devices steered by region leaders."
+    "--devices",
+    type=_SIZE,
+    default=1000,
+    show_default=True,
+    help="IoT devices steered by region leaders.",
 )
-@click.option("--regions", default=3, show_default=True, help="IoT regions (one leader each).")
-@click.option("--timeout", "timeout_s", default=900.0, show_default=True)
+@click.option(
+    "--regions", type=_ROUNDS, default=3, show_default=True, help="IoT regions (one leader each)."
+)
+@click.option("--timeout", "timeout_s", type=_SECONDS, default=900.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def demo(
     *,
@@ -669,44 +753,163 @@ def demo(
 
 
 @main.command()
-@click.option("--tasks", default=300, show_default=True)
+@click.option("--tasks", type=_TASKS, default=300, show_default=True)
 @click.option(
     "--faults",
     "fault_kinds",
-    default="child-kill,worker-kill,redis-restart,db-pause,stop-cont,relay-kill",
-    show_default=True,
-    help="Comma-separated fault kinds.",
+    default=None,
+    help="Comma-separated fault kinds [default: child-kill,worker-kill,redis-restart,db-pause,"
+    "stop-cont,relay-kill,client-kill; on RabbitMQ child-kill,worker-kill]; partition and "
+    "beat-partition (faults across hosts) need root, to make network namespaces.",
 )
-@click.option("--per-kind", default=1, show_default=True, help="Faults of each kind.")
-@click.option("--db-pause", "db_pause_s", default=10.0, show_default=True)
+@click.option("--per-kind", type=_ROUNDS, default=1, show_default=True, help="Faults of each kind.")
+@click.option("--db-pause", "db_pause_s", type=_SECONDS, default=10.0, show_default=True)
 @click.option("--seed", default=1, show_default=True)
-@click.option("--timeout", "timeout_s", default=900.0, show_default=True)
+@click.option("--timeout", "timeout_s", type=_SECONDS, default=900.0, show_default=True)
+@click.option(
+    "--broker",
+    "broker_url",
+    default=None,
+    metavar="amqp://USER:PASS@HOST:PORT/",
+    help="Run on this RabbitMQ, on a vhost the run creates and deletes (rabbitmqctl); "
+    "Redis (embedded, or FLEET_REDIS_URL) keeps the leases [default: the Redis broker].",
+)
+@click.option(
+    "--queue-type",
+    type=click.Choice(["classic", "quorum"]),
+    default="classic",
+    show_default=True,
+    help="RabbitMQ queue type (with --broker).",
+)
 @click.option("--json", "as_json", is_flag=True)
 def chaos(
     *,
     tasks: int,
-    fault_kinds: str,
+    fault_kinds: str | None,
+    per_kind: int,
+    db_pause_s: float,
+    seed: int,
+    timeout_s: float,
+    broker_url: str | None,
+    queue_type: str,
+    as_json: bool,
+) -> None:
+    """Run guarded tasks under real faults; exit 0 only if none was lost or duplicated."""
+    import functools
+    import random
+
+    from fleetworks.proving import faults
+    from fleetworks.proving.chaos import StopFlag, Stopped, plan
+
+    stop = StopFlag()
+    signal.signal(signal.SIGTERM, stop.handle)
+    signal.signal(signal.SIGINT, stop.handle)
+    default = faults.RABBITMQ_DEFAULT_KINDS if broker_url else faults.DEFAULT_KINDS
+    kinds = [k.strip() for k in (fault_kinds or ",".join(default)).split(",") if k.strip()]
+    try:
+        plan(kinds, per_kind, random.Random(seed), rabbitmq=broker_url is not None)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--faults") from None
+    run = functools.partial(
+        _chaos, kinds, tasks=tasks, per_kind=per_kind, db_pause_s=db_pause_s, seed=seed,
+        timeout_s=timeout_s, as_json=as_json, stop=stop,
+    )  # fmt: skip
+    try:
+        if broker_url is None:
+            if queue_type != "classic":
+                raise click.BadParameter(
+                    "queue types are RabbitMQ's: give --broker amqp://...",
+                    param_hint="--queue-type",
+                )
+            run()
+        else:
+            _chaos_on_rabbitmq(broker_url, queue_type, run)
+    except Stopped as stopped:
+        click.echo(f"chaos: stopped by signal {stopped.signum}; its rig is stopped", err=True)
+        sys.exit(128 + stopped.signum)
+
+
+def _chaos_on_rabbitmq(broker_url: str, queue_type: str, run: Callable[..., None]) -> None:
+    """``run`` on a vhost of its own, deleted afterwards whatever happens."""
+    from fleetworks.proving import rabbitmq
+
+    try:
+        rabbitmq.check_broker_url(broker_url)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--broker") from None
+    try:
+        vhost = rabbitmq.RunVhost.create(broker_url)
+    except rabbitmq.RabbitMQError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        # Every part of the run, this process's app included, reads FLEET_*.
+        os.environ.update(FLEET_BROKER_URL=vhost.url, FLEET_QUEUE_TYPE=queue_type)
+        try:
+            current = Settings()
+        except ValidationError as exc:
+            raise click.ClickException(f"invalid FLEET_* settings: {exc}") from None
+        own_redis = current.redis_url is None
+        if own_redis:
+            # The leases: the embedded Redis, which the run starts.
+            port = current.embedded_redis_port
+            os.environ["FLEET_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        get_settings.cache_clear()
+        run(own_redis=own_redis, vhost=vhost.name)
+    finally:
+        try:
+            vhost.delete()
+        except rabbitmq.RabbitMQError as exc:
+            raise click.ClickException(
+                f"the run's vhost {vhost.name} is left behind ({exc}): "
+                f"rabbitmqctl delete_vhost {vhost.name}"
+            ) from None
+
+
+def _chaos(
+    kinds: list[str],
+    *,
+    tasks: int,
     per_kind: int,
     db_pause_s: float,
     seed: int,
     timeout_s: float,
     as_json: bool,
+    stop: StopFlag,
+    own_redis: bool = False,
+    vhost: str | None = None,
 ) -> None:
-    """Run guarded tasks under real faults; exit 0 only if none was lost or duplicated."""
+    """One chaos run; ``own_redis``: the run starts the embedded Redis as its
+    lock store (RabbitMQ), as it does as its broker when none is configured."""
     from fleetworks.embedded import EmbeddedRedis, ping
+    from fleetworks.proving import netns
     from fleetworks.proving.chaos import render, run_chaos
+    from fleetworks.proving.faults import HOST_KINDS
 
-    _handle_stop_signals()
     settings = _settings()
-    kinds = [k.strip() for k in fault_kinds.split(",") if k.strip()]
+    if settings.amqp and vhost is None:
+        raise click.ClickException(
+            f"FLEET_BROKER_URL is RabbitMQ ({redact(settings.broker)}): give it as "
+            "--broker amqp://user:password@host:port/ instead, and the run makes a vhost of its own"
+        )
     if "redis-restart" in kinds and not settings.embedded:
         raise click.BadParameter(
             "redis-restart restarts the embedded Redis: unset FLEET_BROKER_URL",
             param_hint="--faults",
         )
-    if settings.embedded and ping(settings.broker):
+    across = sorted(set(kinds) & set(HOST_KINDS))
+    if across:
+        try:
+            netns.check()
+        except netns.NetnsUnavailable as exc:
+            raise click.BadParameter(
+                f"{', '.join(across)} need test hosts (network namespaces): {exc}",
+                param_hint="--faults",
+            ) from None
+    embedded = settings.embedded or own_redis
+    url = settings.broker if settings.embedded else settings.redis
+    if embedded and ping(url):
         raise click.ClickException(
-            f"something already answers on {redact(settings.broker)}: chaos owns its broker; "
+            f"something already answers on {redact(url)}: chaos owns its embedded Redis; "
             "stop `fleetworks up` or set FLEET_EMBEDDED_REDIS_PORT"
         )
     from fleetworks.proving.faults import heal
@@ -714,7 +917,7 @@ def chaos(
     heal(settings.database)
     _migrate(settings)
     redis = None
-    if settings.embedded:
+    if embedded:
         redis = EmbeddedRedis(
             settings.home / "redis", settings.embedded_redis_port, settings.redis_server
         ).start()
@@ -730,6 +933,8 @@ def chaos(
                 seed=seed,
                 db_pause_s=db_pause_s,
                 timeout_s=timeout_s,
+                vhost=vhost,
+                stop=stop,
             )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--faults") from None
@@ -749,8 +954,8 @@ def bench() -> None:
 
 
 @bench.command("throughput")
-@click.option("--tasks", default=2000, show_default=True)
-@click.option("--rounds", default=3, show_default=True)
+@click.option("--tasks", type=_TASKS, default=2000, show_default=True)
+@click.option("--rounds", type=_ROUNDS, default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench_throughput(tasks: int, rounds: int, as_json: bool) -> None:
     """No-op tasks through plain Celery and through the guard; prints the ratio."""
@@ -769,8 +974,8 @@ def bench_throughput(tasks: int, rounds: int, as_json: bool) -> None:
 
 
 @bench.command("events")
-@click.option("--events", "count", default=1000, show_default=True)
-@click.option("--rounds", default=3, show_default=True)
+@click.option("--events", "count", type=_TASKS, default=1000, show_default=True)
+@click.option("--rounds", type=_ROUNDS, default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench_events(count: int, rounds: int, as_json: bool) -> None:
     """Events emitted by one agent and handled by two subscribers, against as many
@@ -790,8 +995,8 @@ def bench_events(count: int, rounds: int, as_json: bool) -> None:
 
 
 @bench.command("fanout")
-@click.option("--tasks", default=10_000, show_default=True)
-@click.option("--rounds", default=3, show_default=True)
+@click.option("--tasks", type=_TASKS, default=10_000, show_default=True)
+@click.option("--rounds", type=_ROUNDS, default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench_fanout(tasks: int, rounds: int, as_json: bool) -> None:
     """Publishing a fan-out: pipelined batches against one round trip per message."""
@@ -810,17 +1015,46 @@ def bench_fanout(tasks: int, rounds: int, as_json: bool) -> None:
         )
 
 
+@bench.command("cost")
+@click.option(
+    "--tasks", type=_TASKS, default=500, show_default=True, help="Tasks counted per figure."
+)
+@click.option("--json", "as_json", is_flag=True)
+def bench_cost(tasks: int, as_json: bool) -> None:
+    """Per task, counted: Redis commands, round trips and bytes, SQL statements
+    and transactions, for the guard, enqueueing, and a real worker against plain Celery."""
+    from fleetworks.proving.bench_cost import render, run_cost
+    from fleetworks.services import broker
+
+    _handle_stop_signals()
+    settings = _settings()
+    _migrate(settings)
+    with broker(settings):
+        result = run_cost(_fleet().app, settings, tasks=tasks)
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(render(result))
+
+
 @bench.command("autoscale")
-@click.option("--tasks", default=800, show_default=True, help="Tasks in the burst.")
-@click.option("--work-ms", default=100, show_default=True, help="Milliseconds each task works.")
+@click.option("--tasks", type=_TASKS, default=800, show_default=True, help="Tasks in the burst.")
+@click.option(
+    "--work-ms",
+    type=click.IntRange(0, 600_000),
+    default=100,
+    show_default=True,
+    help="Milliseconds each task works.",
+)
 @click.option(
     "--scale-down-after",
     "scale_down_s",
+    type=_SECONDS,
     default=3.0,
     show_default=True,
     help="Seconds of low load before each step down (FLEET_AUTOSCALE_SCALE_DOWN_AFTER_S).",
 )
-@click.option("--timeout", "timeout_s", default=600.0, show_default=True)
+@click.option("--timeout", "timeout_s", type=_SECONDS, default=600.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench_autoscale(
     tasks: int, work_ms: int, scale_down_s: float, timeout_s: float, as_json: bool

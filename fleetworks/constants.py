@@ -31,6 +31,12 @@ BEAT_SLOTS_KEY: Final = KEY_PREFIX + "beat:"
 #: its fence counter is the leader's term.
 BEAT_LEADER_ENTITY: Final = "beat-leader:"
 
+#: ``fleet:outbox`` is a hash: task id -> an agent message recorded before it
+#: was published, until a run leases its entity; ``fleet:outbox:at`` a sorted
+#: set of their publish times (:mod:`fleetworks.outbox`).
+OUTBOX_KEY: Final = KEY_PREFIX + "outbox"
+OUTBOX_AT_KEY: Final = KEY_PREFIX + "outbox:at"
+
 # --- Queues -----------------------------------------------------------------
 
 #: Count: messages per pipeline when publishing a fan-out. One round trip
@@ -43,6 +49,11 @@ PUBLISH_BATCH: Final = 500
 #: indexed column and sent in every message; 500 leaves room for an entity
 #: id and a tick id together.
 MAX_KEY_CHARS: Final = 500
+
+#: Characters of a task id kept in ``outcomes`` and ``guard_events`` (the
+#: columns' width). Celery's ids are 36; a beat tick id is its entry's name
+#: and a 24-character slot. A longer id is stored clipped.
+MAX_TASK_ID_CHARS: Final = 64
 
 #: Characters of an error message kept in an outcome row. Enough for a
 #: pydantic report on a large payload, small enough to keep rows cheap.

@@ -4,7 +4,8 @@ SQLite is the embedded default: WAL so readers never block the writer, a busy
 timeout so concurrent workers queue instead of failing, and ``BEGIN
 IMMEDIATE`` so a transaction takes the write lock up front (a deferred
 transaction that reads and then writes can fail at once with
-``database is locked`` instead of waiting). PostgreSQL is used as is.
+``database is locked`` instead of waiting); :func:`reading` opens a deferred
+one for reads, which never wait for a writer. PostgreSQL is used as is.
 
 Engines are never shared across ``fork()``: :func:`reset_after_fork` is
 called from ``worker_process_init`` and drops the parent's pool without
@@ -26,6 +27,7 @@ from sqlalchemy.engine import make_url
 from fleetworks import constants as c
 
 _engines: dict[str, tuple[int, Engine]] = {}
+_READ_ONLY = "fleet_read_only"
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -50,7 +52,10 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read takes no write lock: a writer stopped mid-transaction (SIGSTOP,
+        # a partition) must not stop every reader with it.
+        read_only = conn.get_execution_options().get(_READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -87,6 +92,16 @@ def transaction(url: str) -> Iterator[Connection]:
     """One short transaction: committed on success, rolled back on error."""
     with get_engine(url).begin() as conn:
         yield conn
+
+
+@contextmanager
+def reading(url: str) -> Iterator[Connection]:
+    """One transaction that only reads: on SQLite a deferred ``BEGIN``, which in
+    WAL mode neither takes nor waits for the write lock."""
+    with get_engine(url).connect() as conn:
+        conn.execution_options(**{_READ_ONLY: True})
+        with conn.begin():
+            yield conn
 
 
 def is_postgres(url: str) -> bool:

@@ -13,6 +13,10 @@ Tracing (:mod:`fleetworks.tracing`): every message goes out through
 its headers, pipelined or not; ``enqueue_many`` wraps its publishes in one
 ``enqueue_many <agent>`` span.
 
+Each message is recorded in the outbox (:mod:`fleetworks.outbox`) before it
+leaves, one round trip per pipeline, so a message lost between the broker's
+pop and its acknowledgement record is published again by the reaper.
+
 A batch is all or nothing only up to a pipeline: if the connection breaks
 mid-batch, the pipelines already flushed are in the queue and the rest is
 not, and the error propagates. Callers re-run the whole fan-out; the keys
@@ -21,13 +25,21 @@ make the messages that did get through run once.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from celery import Celery
 
 from fleetworks import constants as c
-from fleetworks import message, tracing
+from fleetworks import message, outbox, tracing
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    """``items`` in lists of ``size`` (the last one shorter)."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 def _options(queue: str | None) -> dict[str, Any]:
@@ -50,7 +62,9 @@ def enqueue(
     Raises :class:`~fleetworks.agent.UnknownAgentError` for a name the app does not know.
     """
     _known(app, agent)
-    return str(app.send_task(agent, kwargs=message.pack(payload, key), **_options(queue)).id)
+    with outbox.collecting(app, agent, hold=False):
+        sent = app.send_task(agent, kwargs=message.pack(payload, key), **_options(queue))
+    return str(sent.id)
 
 
 def enqueue_many(
@@ -67,14 +81,16 @@ def enqueue_many(
     _known(app, agent)
     ids: list[str] = []
     options = _options(queue)
-    with (
-        tracing.fan_out(agent) as span,
-        app.producer_or_acquire() as producer,
-        producer.batch(c.PUBLISH_BATCH),
-    ):
-        for payload in payloads:
-            kwargs = message.pack(payload, None if key is None else key(payload))
-            sent = app.send_task(agent, kwargs=kwargs, producer=producer, **options)
-            ids.append(str(sent.id))
+    with tracing.fan_out(agent) as span, app.producer_or_acquire() as producer:
+        for chunk in _chunks(payloads, c.PUBLISH_BATCH):
+            # The chunk's outbox records go out in one round trip, then its
+            # messages in one pipeline: a message never leaves unrecorded.
+            with outbox.collecting(app, agent) as records, producer.batch(len(chunk) + 1):
+                for payload in chunk:
+                    kwargs = message.pack(payload, None if key is None else key(payload))
+                    sent = app.send_task(agent, kwargs=kwargs, producer=producer, **options)
+                    ids.append(str(sent.id))
+                if records is not None:
+                    records.flush()
         span.set_attribute("fleetworks.enqueued", len(ids))
     return ids

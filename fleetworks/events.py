@@ -92,6 +92,11 @@ PG_CHANNEL: Final = "fleet_events"
 TOPIC_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 MAX_TOPIC_CHARS: Final = 200
 MAX_EVENT_KEY_CHARS: Final = 500
+#: Characters: longest event id (the ``event_id`` column).
+MAX_EVENT_ID_CHARS: Final = 200
+#: Levels of nesting allowed in an event's data: a subscriber receives it
+#: inside its message, which may nest at most ``MAX_PAYLOAD_DEPTH`` levels.
+MAX_DATA_DEPTH: Final = message.MAX_PAYLOAD_DEPTH - 16
 #: Namespace of the ids of events emitted by runs (uuid5 of agent, key, index).
 _EMIT_NAMESPACE: Final = uuid.UUID("5f1c3c1e-7a4e-4c1b-9a55-2f0b8e6d4a10")
 #: Count: events one relay transaction reads and sends.
@@ -131,6 +136,18 @@ class Published:
     stored: bool
 
 
+def id_problem(event_id: Any) -> str | None:
+    """Why ``event_id`` cannot be an event's id, or None."""
+    if (
+        not isinstance(event_id, str)
+        or not event_id
+        or len(event_id) > MAX_EVENT_ID_CHARS
+        or message.unstorable_text(event_id) is not None
+    ):
+        return f"must be a string of 1 to {MAX_EVENT_ID_CHARS} characters without NUL characters"
+    return None
+
+
 def check(topic: Any, data: Any, key: Any = None) -> None:
     """Raise :class:`EventError` naming the field if the event cannot be stored."""
     if not isinstance(topic, str) or not topic:
@@ -154,6 +171,8 @@ def check(topic: Any, data: Any, key: Any = None) -> None:
         raise EventError(f"data: must be a JSON object, got {type(data).__name__}")
     if tracing.EVENT_TRACE_KEY in data:
         raise EventError(f"data: the key {tracing.EVENT_TRACE_KEY!r} is reserved (trace context)")
+    if message.too_deep(data, MAX_DATA_DEPTH) is not None:
+        raise EventError(f"data: nested deeper than {MAX_DATA_DEPTH} levels")
     bad = message.unstorable_text(data)
     if bad is not None:
         raise EventError(f"data: {bad}: text must be valid Unicode without NUL characters")
@@ -232,6 +251,9 @@ def publish(
     from fleetworks.agent import Fleet
 
     event_id = event_id or str(uuid.uuid4())
+    problem = id_problem(event_id)
+    if problem is not None:
+        raise EventError(f"id: {problem}")
     if connection is not None:
         return Published(event_id, store(connection, topic, data, key=key,
                                          event_id=event_id, if_new=True))  # fmt: skip

@@ -74,22 +74,56 @@ def _files(folder: Path) -> Iterable[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def watch(fleet: Fleet, folder: Path, stop: threading.Event, *, topic: str = TOPIC) -> Dropped:
-    """Store an event per file content in ``folder`` until ``stop`` is set."""
-    folder = folder.resolve()
-    seen = Dropped()
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
-    def take(path: Path) -> None:
-        stored = offer(fleet, folder, path, topic)
+
+@dataclass
+class _Taker:
+    """Offers files, each content as it is now (size, modification time) once."""
+
+    fleet: Fleet
+    folder: Path
+    topic: str
+    seen: Dropped
+    taken: dict[Path, tuple[int, int] | None]
+
+    def take(self, path: Path) -> None:
+        stamp = _stamp(path)
+        if stamp is not None and self.taken.get(path) == stamp:
+            return  # this very content was taken already, by a pass or a change
+        self.taken[path] = stamp
+        stored = offer(self.fleet, self.folder, path, self.topic)
         if stored is True:
-            seen.stored += 1
+            self.seen.stored += 1
         elif stored is False:
-            seen.already += 1
+            self.seen.already += 1
 
-    for path in _files(folder):
-        take(path)
-    for changes in watch_changes(folder, stop_event=stop, rust_timeout=500, yield_on_timeout=False):
+    def take_all(self) -> None:
+        for path in _files(self.folder):
+            self.take(path)
+
+
+def watch(fleet: Fleet, folder: Path, stop: threading.Event, *, topic: str = TOPIC) -> Dropped:
+    """Store an event per file content in ``folder`` until ``stop`` is set.
+
+    A file dropped after the first pass but before the filesystem watcher
+    was listening raises no change: so once the watcher listens (its first
+    tick), the folder is gone through again, taking only the files this
+    watch has not taken as they are now."""
+    folder = folder.resolve()
+    taker = _Taker(fleet, folder, topic, Dropped(), {})
+    taker.take_all()
+    listening = False
+    for changes in watch_changes(folder, stop_event=stop, rust_timeout=500, yield_on_timeout=True):
+        if not listening:
+            listening = True
+            taker.take_all()
         for change, raw in sorted(changes, key=lambda c: c[1]):
             if change in (Change.added, Change.modified):
-                take(Path(raw))
-    return seen
+                taker.take(Path(raw))
+    return taker.seen

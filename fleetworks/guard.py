@@ -44,7 +44,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from fleetworks import constants as c
-from fleetworks import events, logs, message, tracing
+from fleetworks import events, logs, message, outbox, tracing
 from fleetworks.claims import ClaimVerdict, StaleWriteError
 from fleetworks.context import AgentSpec, Identity, RunContext
 from fleetworks.ledger import Ledger, RunId
@@ -211,22 +211,26 @@ class Guard:
         self, spec: AgentSpec, delivery: Delivery, key: str | None, why: str, raw: Any
     ) -> NoReturn:
         self.ledger.reject(RunId(spec.name, key or "", delivery.task_id, delivery.worker), why, raw)
+        outbox.forget(self.locks().client, delivery.task_id)
         raise _Ended(Status.REJECTED, why)
 
     # -- 2. lease --------------------------------------------------------------
 
     def lease(self, spec: AgentSpec, delivery: Delivery, parsed: Parsed, run: RunId) -> Lease:
         entity = parsed.identity.entity
-        lease = self.locks().acquire(entity, spec.lock_ttl_s, delivery.delivery_tag)
+        locks = self.locks()
+        lease = locks.acquire(entity, spec.lock_ttl_s, delivery.delivery_tag, delivery.task_id)
         if lease is not None:
             self.heartbeat.watch(lease)
             logs.bind(fencing_token=lease.fencing_token)
             return lease
         done = self.ledger.terminal_status(run.key)
         if done is not None:
+            outbox.forget(locks.client, delivery.task_id)
             self._end(run, EventKind.SKIPPED_DUPLICATE, f"already {done}; lock busy")
         decision = self.policy.decide(spec, Facts(Situation.CONTENDED, retries=delivery.retries))
         if isinstance(decision, GiveUp):
+            outbox.forget(locks.client, delivery.task_id)
             self._end(run, EventKind.SKIPPED_LOCKED, f"entity {entity!r}: {decision.reason}")
         assert isinstance(decision, Retry)
         self.ledger.event(run, EventKind.LOCK_CONTENDED, f"entity {entity!r} is locked")
@@ -367,6 +371,9 @@ def _payload_problem(spec: AgentSpec, raw: Any) -> str | None:
             f"invalid payload for {spec.name}: 1 problem(s): {bad_text}: "
             "text must be valid Unicode without NUL characters"
         )
+    not_json = message.not_json_data(raw)
+    if not_json is not None:
+        return f"invalid payload for {spec.name}: 1 problem(s): {not_json}"
     return None
 
 

@@ -1,6 +1,6 @@
 """Everything fleetworks reads of Celery's and kombu's private internals.
 
-fleetworks relies on five things that neither Celery nor kombu publishes as
+fleetworks relies on six things that neither Celery nor kombu publishes as
 an API. They live here, and only here, so an upgrade that changes them fails
 in one place: ``tests/test_kombu_contract.py`` exercises each of them against
 the installed versions and fails loudly, naming what moved.
@@ -11,13 +11,17 @@ the installed versions and fails loudly, naming what moved.
    message back with ``qos.restore_by_tag``. The reaper restores a message a
    lost worker stranded there (:func:`stranded_messages`, :func:`restore`).
 2. A Redis queue with priorities is several lists, named by the channel's
-   ``_q_for_pri`` over its ``priority_steps`` (:func:`priority_lists`).
+   ``_q_for_pri`` over its ``priority_steps`` (:func:`priority_lists`); each
+   is pushed on the left and popped on the right, so its right end is the
+   oldest message (:func:`oldest_waiting`, which the outbox relies on).
 3. A Redis message body is base64 of the JSON ``[args, kwargs, embed]``
    (:func:`decode_body`).
-4. Celery's worker ``Request`` keeps the decoded body in a name-mangled slot
-   (``_Request__payload``) besides ``_args``, ``_kwargs`` and
-   ``_request_dict``; the guarded request swaps a body the pool cannot take
-   for a small one (:func:`replace_request_body`).
+4. Celery's worker ``Request`` is built from the message's ``headers`` and
+   ``body`` (``decoded`` when it is already Python data), passed to it as
+   keyword arguments, and keeps its delivery fields in ``_delivery_info``;
+   the guarded request passes a small decoded body in place of one the pool
+   cannot take (:mod:`fleetworks.request`). A kombu ``Message`` keeps its
+   decoded body in ``_decoded_cache``.
 5. Celery's prefork pool learns that a child died when the child's sentinel
    pipe becomes readable, and reaps it then; the pipe closes while the child
    is still exiting, so that reap can come too early (``waitpid`` finds it
@@ -26,17 +30,34 @@ the installed versions and fails loudly, naming what moved.
    given back and its lease is not freed. :class:`PromptReap`, a worker
    bootstep, runs the pool's own ``maintain_pool`` every
    :data:`REAP_CHILDREN_EVERY_S` so a dead child is noticed within that.
+6. Celery's consumer hands every task message to the callback its
+   ``create_task_handler`` makes; an exception out of it (a ``task`` header
+   that is a list, a time limit Celery cannot add up) ends the whole worker,
+   and the message, restored, ends the next one too. :class:`GuardTaskHandler`,
+   a consumer bootstep, wraps that callback: such a message is logged and
+   dropped (:func:`guard_task_handler`). A message of a guarded task whose
+   body is not ``[args, kwargs, embed]`` gets a body naming the problem
+   before Celery unpacks it, so the guard records it as ``rejected``.
 """
 
 from __future__ import annotations
 
 import base64
+import inspect
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, bootsteps
+from celery.worker.consumer import Consumer
+from kombu.message import Message
+
+from fleetworks.message import body_problem, unrunnable
+from fleetworks.request import GuardedTask
+
+log = logging.getLogger(__name__)
 
 #: How often the worker's main process looks for dead pool children.
 REAP_CHILDREN_EVERY_S = 0.2
@@ -91,26 +112,149 @@ def stranded_messages(app: Celery, delivered_before: float, limit: int) -> Itera
             yield Unacked(tag, message.get("headers") or {}, message.get("body"), routing_key)
 
 
+def oldest_waiting(app: Celery, queue: str, header: str) -> tuple[bool, float | None]:
+    """Whether ``queue`` has messages waiting, and the oldest ``header`` stamp
+    (epoch s) among the next message of each of its priority lists (kombu
+    pushes on the left and pops on the right, so the right end is the oldest)."""
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        pipe = channel.client.pipeline(transaction=False)
+        for name in priority_lists(channel, queue):
+            pipe.lindex(name, -1)
+        tails = pipe.execute()
+    stamps: list[float] = []
+    for raw in tails:
+        if raw is None:
+            continue
+        try:
+            stamp = (json.loads(raw).get("headers") or {}).get(header)
+        except (ValueError, AttributeError):
+            stamp = None
+        # A waiting message without a stamp: its age is unknown, take it as old.
+        stamps.append(float(stamp) if isinstance(stamp, int | float) else float("-inf"))
+    return bool(stamps), min(stamps, default=None)
+
+
+def waiting_ids(app: Celery, queue: str, ids: set[str], limit: int) -> set[str] | None:
+    """Which of ``ids`` are waiting in ``queue`` (any priority list), or None
+    if the queue holds more than ``limit`` messages (not read)."""
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        client = channel.client
+        names = priority_lists(channel, queue)
+        if sum(int(client.llen(name)) for name in names) > limit:
+            return None
+        wanted = {i.encode(): i for i in ids}
+        found: set[str] = set()
+        for name in names:
+            for raw in client.lrange(name, 0, -1):
+                found.update(i for b, i in wanted.items() if b in raw)
+        return found
+
+
+def unacked_task_ids(app: Celery) -> set[str]:
+    """The task ids of every message some worker holds unacknowledged."""
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        ids: set[str] = set()
+        for _, raw in channel.client.hscan_iter(channel.unacked_key, count=500):
+            try:
+                message = json.loads(raw)[0]
+                task_id = (message.get("headers") or {}).get("id")
+            except (ValueError, IndexError, AttributeError, TypeError):
+                continue
+            if isinstance(task_id, str):
+                ids.add(task_id)
+        return ids
+
+
 def restore(app: Celery, tag: str) -> None:
     """Give the unacked message ``tag`` back to the head of its queue (kombu's own restore)."""
     with app.connection_for_write() as conn:
         conn.default_channel.qos.restore_by_tag(tag, leftmost=True)
 
 
-def replace_request_body(
-    request: Any, args: list[Any], kwargs: dict[str, Any], decoded: bool
-) -> None:
-    """Make a Celery worker ``Request`` carry ``(args, kwargs)`` in place of its body."""
-    payload: tuple[list[Any], dict[str, Any], dict[str, Any]] = (args, kwargs, {})
-    body: Any = payload
-    if not decoded:
-        body = json.dumps(payload).encode()
-        request._content_type, request._content_encoding = "application/json", "utf-8"
-    request._body = body
-    request._Request__payload = payload
-    # The decoded arguments also travel to the child inside the request dict.
-    request._request_dict["args"] = request._args = args
-    request._request_dict["kwargs"] = request._kwargs = kwargs
+def guard_task_handler(consumer: Any) -> None:
+    """Make ``consumer`` (Celery's worker consumer) drop a message its task
+    handler cannot take, instead of exiting (item 6 above). Idempotent: a
+    consumer restarted after a lost connection keeps one guard."""
+    if getattr(consumer, "_fleet_guarded", False):
+        return
+    make = consumer.create_task_handler
+
+    def create() -> Any:
+        handle = make()
+
+        def on_task_received(message: Any) -> Any:
+            problem = _header_problem(message.headers)
+            if problem is not None:
+                return _drop(consumer, message, problem)
+            try:
+                if _guarded(consumer.app, message.headers):
+                    _unrunnable_if_misshapen(message)
+                return handle(message)
+            except consumer.connection_errors:
+                raise
+            except Exception as exc:
+                return _drop(consumer, message, f"the worker could not take it ({exc!r})", exc)
+
+        return on_task_received
+
+    consumer.create_task_handler = create
+    consumer._fleet_guarded = True
+
+
+def _header_problem(headers: Any) -> str | None:
+    """What makes Celery's task handler raise on a message's headers, or None."""
+    if not isinstance(headers, dict):
+        return None  # Celery itself drops it as an unknown message
+    task = headers.get("task")
+    if task is not None and not isinstance(task, str):
+        return f"its 'task' header must be a string, got {type(task).__name__}"
+    return None
+
+
+def _guarded(app: Celery, headers: Any) -> bool:
+    """Whether ``headers`` name a task of ``app`` that runs with the guarded request."""
+    if not isinstance(headers, dict):
+        return False
+    return isinstance(app.tasks.get(headers.get("task")), GuardedTask)
+
+
+def _unrunnable_if_misshapen(message: Any) -> None:
+    """Give a guarded task's message whose body is not ``[args, kwargs, embed]``
+    a body that says so, before Celery unpacks it: the guard rejects it."""
+    try:
+        body = message.payload
+    except Exception:
+        return  # Celery reports what it cannot decode
+    problem = body_problem(body)
+    if problem is not None:
+        message._decoded_cache = [[], unrunnable(problem), {}]
+
+
+def _drop(consumer: Any, message: Any, problem: str, exc: Exception | None = None) -> None:
+    """Log ``problem`` with the message's headers and remove the message for good."""
+    log.error(
+        "Dropped an invalid task message: %s; headers: %s", problem, _short(message.headers),
+        exc_info=exc,
+    )  # fmt: skip
+    if not message.acknowledged:
+        message.reject_log_error(log, consumer.connection_errors)
+
+
+def _short(value: Any, limit: int = 1000) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+class GuardTaskHandler(bootsteps.StartStopStep):  # type: ignore[misc]
+    """A consumer step: :func:`guard_task_handler` on the worker's consumer."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, consumer: Any) -> None:
+        guard_task_handler(consumer)
 
 
 class PromptReap(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -134,8 +278,13 @@ def contract_problems(channel: Any, request_cls: type) -> Sequence[str]:
     ]
     if not hasattr(getattr(channel, "qos", None), "restore_by_tag"):
         missing.append("kombu Redis QoS has no restore_by_tag")
-    slots = set(getattr(request_cls, "__slots__", ()))
-    for name in ("_Request__payload", "_args", "_kwargs", "_request_dict", "_body", "_decoded"):
-        if name not in slots and not hasattr(request_cls, name):
-            missing.append(f"celery Request has no slot {name}")
+    taken = inspect.signature(request_cls).parameters
+    missing += [
+        f"celery Request takes no {name}=" for name in ("headers", "body", "decoded", "task")
+        if name not in taken
+    ]  # fmt: skip
+    if "_decoded_cache" not in getattr(Message, "__slots__", ()):
+        missing.append("kombu Message has no _decoded_cache")
+    if not callable(getattr(Consumer, "create_task_handler", None)):
+        missing.append("celery Consumer has no create_task_handler")
     return missing

@@ -6,7 +6,9 @@ taken by someone else while the first still believes it holds it; the only
 defence is a number that grows with every acquisition and that writers check
 (Kleppmann's fencing token). Here acquisition is one Lua script that sets the
 lock (NX, PX) and, only if that succeeded, INCRs the entity's fence counter:
-one round trip, and a token is never handed out without the lock.
+one round trip, and a token is never handed out without the lock. The same
+script drops the delivered message's outbox record (:mod:`fleetworks.outbox`):
+from the lease on, the claim row and kombu's ``unacked`` entry cover it.
 
 Release and renewal compare the random token first, so a holder whose lock
 expired can never delete or extend its successor's lock.
@@ -30,6 +32,10 @@ from fleetworks.timing import lock_ttl_s
 
 _ACQUIRE = """
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if ARGV[3] then
+    redis.call('hdel', KEYS[3], ARGV[3])
+    redis.call('zrem', KEYS[4], ARGV[3])
+  end
   return redis.call('incr', KEYS[2])
 end
 return 0
@@ -109,17 +115,23 @@ class EntityLocks:
         """The Redis client these locks live on."""
         return self._client
 
-    def acquire(self, entity: str, ttl_s: float, owner: str = "") -> Lease | None:
+    def acquire(
+        self, entity: str, ttl_s: float, owner: str = "", task_id: str = ""
+    ) -> Lease | None:
         """A lease on ``entity``, or None when another holder has it.
 
         ``owner`` (a delivery tag) prefixes the random token, so the process
         that supervised a dead holder can free exactly that holder's lease.
+        With ``task_id``, a lease taken also drops that message's outbox record.
         """
         token = f"{owner}:{secrets.token_hex(16)}" if owner else secrets.token_hex(16)
         ttl_ms = max(1, int(ttl_s * 1000))
-        fence = int(
-            self._acquire(keys=[c.LOCK_KEY + entity, c.FENCE_KEY + entity], args=[token, ttl_ms])
-        )
+        keys = [c.LOCK_KEY + entity, c.FENCE_KEY + entity]
+        args: list[str | int] = [token, ttl_ms]
+        if task_id:
+            keys += [c.OUTBOX_KEY, c.OUTBOX_AT_KEY]
+            args.append(task_id)
+        fence = int(self._acquire(keys=keys, args=args))
         if fence == 0:
             return None
         return Lease(entity=entity, token=token, fencing_token=fence, ttl_ms=ttl_ms)

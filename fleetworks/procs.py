@@ -33,6 +33,7 @@ def fleet_env(settings: Settings, **overrides: str) -> dict[str, str]:
     env["FLEET_DATABASE_URL"] = settings.database
     env["FLEET_HOME"] = str(settings.home.resolve())
     env["FLEET_APP"] = settings.app
+    env["FLEET_QUEUE_TYPE"] = settings.queue_type
     if settings.redis_url:
         env["FLEET_REDIS_URL"] = settings.redis_url
     env.update(overrides)

@@ -15,7 +15,8 @@ a duplicate, never run twice. A ``failed`` claim whose retry is long overdue
 (its retry message died with a worker) is republished the same way.
 
 :func:`restore_stranded` covers messages a lost worker held before any
-claim existed. The reaper runs as the task ``fleet.reap``, every
+claim existed; :func:`recover_lost` those the broker lost between its pop and
+its unacked record (:mod:`fleetworks.outbox`). The reaper runs as the task ``fleet.reap``, every
 ``REAP_INTERVAL_S`` on the fleet's beat (see :func:`schedule_entry`).
 """
 
@@ -30,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from pydantic import ValidationError
 
-from fleetworks import claims, kombu_redis, message, stats
-from fleetworks.ledger import REAP_BATCH, Ledger
+from fleetworks import claims, holders, kombu_redis, message, outbox, stats
+from fleetworks import constants as c
+from fleetworks.ledger import REAP_BATCH, Ledger, RunId
 from fleetworks.locks import EntityLocks
-from fleetworks.models import Status
+from fleetworks.models import TERMINAL, EventKind, Status
 from fleetworks.timing import REAP_INTERVAL_S, Timings
 
 if TYPE_CHECKING:
@@ -44,12 +46,15 @@ log = logging.getLogger(__name__)
 
 #: Name of the runtime's reaper task, scheduled by beat.
 REAP_TASK = "fleet.reap"
+#: What names the control queue beside an agent queue (:func:`control_queue`).
+CONTROL_SUFFIX = ".control"
 
 
 def register(fleet: Fleet) -> None:
     """Register the reaper task on the fleet's app."""
 
-    @fleet.app.task(name=REAP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    # shared=False: as for agents (fleetworks.agent), bound to this fleet only.
+    @fleet.app.task(name=REAP_TASK, ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
     def reap_task() -> dict[str, Any]:
         """Republish claims whose holder is gone; restore stranded messages."""
         keys = reap(fleet.app, fleet.ledger, fleet.locks, fleet.timings)
@@ -57,7 +62,9 @@ def register(fleet: Fleet) -> None:
             fleet.app, fleet.agents, fleet.ledger, fleet.locks, fleet.timings
         )
         stats.count(fleet.locks.client, stats.REAPER_RESTORED, len(restored))
-        return {"republished": len(keys), "restored": len(restored)}
+        lost = recover_lost(fleet.app, fleet.agents, fleet.ledger, fleet.locks, fleet.timings)
+        stats.count(fleet.locks.client, stats.OUTBOX_REPUBLISHED, len(lost))
+        return {"republished": len(keys), "restored": len(restored), "recovered": len(lost)}
 
 
 def control_queue(queue: str) -> str:
@@ -68,8 +75,12 @@ def control_queue(queue: str) -> str:
     behind the backlog and expire. Every fleet worker consumes this queue too,
     and kombu alternates between a worker's queues, so a tick runs as soon as
     a pool process is free.
+
+    A control queue is its own control queue: a claim taken from it (a
+    republished key) records it as its queue, and its next republish must
+    land where the workers consume, not on ``<queue>.control.control``.
     """
-    return f"{queue}.control"
+    return queue if queue.endswith(CONTROL_SUFFIX) else f"{queue}{CONTROL_SUFFIX}"
 
 
 def schedule_entry(queue: str) -> dict[str, Any]:
@@ -99,7 +110,8 @@ def _republish(app: Celery, row: Any, *, jump_backlog: bool = False) -> None:
     options: dict[str, Any] = {"task_id": row.task_id} if row.task_id else {}
     if row.queue:
         options["queue"] = control_queue(row.queue) if jump_backlog else row.queue
-    app.send_task(row.agent, kwargs=message.pack(row.payload, row.idempotency_key), **options)
+    with outbox.collecting(app, row.agent, hold=False):
+        app.send_task(row.agent, kwargs=message.pack(row.payload, row.idempotency_key), **options)
 
 
 def replay(app: Celery, ledger: Ledger, outcome_id: int) -> Any:
@@ -119,40 +131,49 @@ def restore_stranded(
     locks: EntityLocks,
     timings: Timings,
 ) -> list[str]:
-    """Give back to the queue messages a lost worker was holding before any claim.
+    """Give back to the queue messages that no live worker holds.
 
-    A worker that dies (or loses its broker connection) while it holds a
-    delivered message it has not started leaves that message in kombu's
-    ``unacked`` hash until the visibility timeout. The claim reaper cannot
-    see it: there is no claim. Here a message of an agent task is restored
-    (through kombu's own restore) when it was delivered more than
-    ``stranded_after_s`` ago, is not a countdown retry still waiting, no
-    lease is held on its entity and its key is not claimed by a running task.
-    A live worker that still held it would at worst see a duplicate delivery,
-    which the claim turns into a counted skip. Redis brokers only: RabbitMQ
-    requeues a dead consumer's messages by itself.
+    A worker that dies whole (or loses its broker connection and forgets what
+    it received) leaves its delivered messages in kombu's ``unacked`` hash
+    until the visibility timeout. Every fleet worker writes which deliveries
+    it holds every second (:mod:`fleetworks.holders`); here an unacked agent
+    message is restored (through kombu's own restore) when no live worker
+    holds it, it was delivered before every live worker's latest snapshot,
+    it is not a countdown retry still waiting, and no lease its own delivery
+    took is still alive (a running task renews its lease: a worker killed
+    whole stops renewing, and its message comes back once that lease ends).
+    A lease the dead delivery held is freed on the way, so the restored
+    message runs at once with a higher fencing token. Misjudged (a worker
+    stalled past the staleness bound), a message is delivered twice, and its
+    key makes the second delivery a counted skip. Redis brokers only:
+    RabbitMQ requeues a dead consumer's messages by itself.
     """
     if not kombu_redis.is_redis(app):
         return []
+    client = locks.client
+    held = holders.live(client)
     restored: list[str] = []
-    cutoff = time.time() - timings.stranded_after_s
-    for held in list(kombu_redis.stranded_messages(app, cutoff, REAP_BATCH)):
-        spec = agents.get(str(held.headers.get("task")))
-        if spec is None or _eta_pending(held.headers.get("eta"), timings):
+    for message_ in list(kombu_redis.stranded_messages(app, held.settled_before, REAP_BATCH)):
+        if message_.tag in held.tags or _eta_pending(message_.headers.get("eta"), timings):
             continue
-        key = _stranded_key(spec, held, ledger, locks)
+        spec = agents.get(str(message_.headers.get("task")))
+        if spec is None:
+            continue
+        key = _stranded_key(spec, message_, locks)
         if key is None:
             continue
-        kombu_redis.restore(app, held.tag)
-        log.warning("restored stranded message %s (%s)", held.headers.get("id"), key)
+        # kombu puts it back at the far end of its queue: date its outbox
+        # record anew first, so it is not taken for lost while it waits there.
+        outbox.touch(client, str(message_.headers.get("id") or ""))
+        kombu_redis.restore(app, message_.tag)
+        log.warning("restored stranded message %s (%s)", message_.headers.get("id"), key)
         restored.append(key)
     return restored
 
 
-def _stranded_key(
-    spec: AgentSpec, held: kombu_redis.Unacked, ledger: Ledger, locks: EntityLocks
-) -> str | None:
-    """The idempotency key of an unacked agent message nobody is working on."""
+def _stranded_key(spec: AgentSpec, held: kombu_redis.Unacked, locks: EntityLocks) -> str | None:
+    """The idempotency key of an unacked agent message no live worker holds,
+    or None while a lease its delivery took is alive (its task is running)."""
     try:
         args, kwargs = kombu_redis.decode_body(held.body)
         parsed = message.unpack(args, kwargs)
@@ -161,9 +182,92 @@ def _stranded_key(
         identity = spec.identify(spec.payload.model_validate(parsed.payload), parsed.key)
     except (ValueError, TypeError, ValidationError):
         return f"unparsable:{held.headers.get('id')}"  # restored, it will be rejected and acked
-    if locks.holder(identity.entity) is not None:
+    holder = locks.holder(identity.entity) or ""
+    if holder.startswith(held.tag + ":"):
+        return None  # its own lease is alive: the task runs (or just died; wait for the TTL)
+    return identity.key
+
+
+def recover_lost(
+    app: Celery,
+    agents: Mapping[str, AgentSpec],
+    ledger: Ledger,
+    locks: EntityLocks,
+    timings: Timings,
+) -> list[str]:
+    """Publish again the recorded agent messages that are nowhere: not queued,
+    not unacked, their key neither claimed nor settled (see
+    :mod:`fleetworks.outbox` for the rule and why it is safe). Returns the
+    task ids republished. Redis brokers only."""
+    if not kombu_redis.is_redis(app):
+        return []
+    client = locks.client
+    items = outbox.overdue(client, time.time() - timings.outbox_after_s, REAP_BATCH)
+    if not items:
+        return []
+    lost = _nowhere(app, items)
+    recovered: list[str] = []
+    for item in lost:
+        spec = agents.get(str(item.record.get("task")))
+        key = _recorded_key(spec, item)
+        status = ledger.status(key) if key else None
+        if status == Status.CLAIMED or status in TERMINAL:
+            outbox.forget(client, item.task_id)  # its key ran, or runs, from another message
+            continue
+        if not outbox.still_recorded(client, item):
+            continue  # a run leased it meanwhile, or it was published anew
+        outbox.republish(app, item)
+        log.warning("republished lost message %s (%s)", item.task_id, key or "no key")
+        if spec is not None and key:
+            run = RunId(spec.name, key, item.task_id, "reaper")
+            ledger.event(run, EventKind.REPUBLISHED, "lost by the broker: in no queue, unacked "
+                         "entry or claim")  # fmt: skip
+        recovered.append(item.task_id)
+    return recovered
+
+
+def _nowhere(app: Celery, items: list[outbox.Recorded]) -> list[outbox.Recorded]:
+    """The recorded messages found in no queue and no unacked entry."""
+    default = str(app.conf.task_default_queue)
+
+    def queue_of(item: outbox.Recorded) -> str:
+        return str(item.record.get("queue") or default)
+
+    # Queues first, then unacked: a message moving from one to the other
+    # between the two reads is seen in one of them.
+    waiting = {
+        q: kombu_redis.oldest_waiting(app, q, c.SENT_AT_HEADER)
+        for q in {queue_of(i) for i in items}
+    }
+    held = kombu_redis.unacked_task_ids(app)
+    candidates: dict[str, list[outbox.Recorded]] = {}
+    for item in items:
+        busy, oldest = waiting[queue_of(item)]
+        if item.task_id in held or (busy and (oldest is None or oldest <= item.at)):
+            continue  # unacked, or may still be waiting in its queue
+        candidates.setdefault(queue_of(item), []).append(item)
+    lost: list[outbox.Recorded] = []
+    for queue, found in candidates.items():
+        ids = {item.task_id for item in found}
+        waiting_now = kombu_redis.waiting_ids(app, queue, ids, outbox.SCAN_LIMIT) or set()
+        lost += [item for item in found if item.task_id not in waiting_now]
+    if lost:  # popped since the first read: unacked now
+        held = kombu_redis.unacked_task_ids(app)
+        lost = [item for item in lost if item.task_id not in held]
+    return lost
+
+
+def _recorded_key(spec: AgentSpec | None, item: outbox.Recorded) -> str | None:
+    """The idempotency key of a recorded message, or None if it has none."""
+    if spec is None:
         return None
-    return None if ledger.status(identity.key) == Status.CLAIMED else identity.key
+    parsed = message.unpack(tuple(item.record.get("args") or ()), item.record.get("kwargs") or {})
+    if isinstance(parsed, message.Problem):
+        return None
+    try:
+        return spec.identify(spec.payload.model_validate(parsed.payload), parsed.key).key
+    except (ValueError, TypeError, ValidationError):
+        return None
 
 
 def _eta_pending(eta: str | None, timings: Timings) -> bool:

@@ -74,8 +74,13 @@ def backoff(attempt: int, base_s: float, cap_s: float) -> float:
 
 
 def backoff_bound(attempt: int, base_s: float, cap_s: float) -> float:
-    """The largest wait :func:`backoff` may return for ``attempt``."""
-    return float(min(cap_s, base_s * (2 ** max(0, attempt))))
+    """The largest wait :func:`backoff` may return for ``attempt``.
+
+    The exponent stops at 64 (any cap is reached long before): an attempt
+    count from a message is not trusted to be small, and ``2 ** 10**30``
+    would never finish.
+    """
+    return float(min(cap_s, base_s * (2 ** min(max(0, attempt), 64))))
 
 
 class Situation(StrEnum):

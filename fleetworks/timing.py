@@ -14,6 +14,8 @@ in production:
 - the reaper republishes a claim only after a full lease without a holder,
   and a stranded (unclaimed) message only after a lease, a reaper tick and a
   margin;
+- a message recorded in the outbox and found nowhere is taken for lost
+  sooner than a stranded one (both are found by the reaper);
 - the visibility timeout outlasts the longest time limit plus the longest
   retry wait, so the broker never redelivers a message a live worker still
   holds (celery#2599).
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 #: Seconds: upper bound of a lease (the entity lock's TTL) while its holder
 #: renews it. A holder that dies blocks its entity at most this long, however
 #: long its time limit: the heartbeat, not the TTL, keeps a long task's lock.
-LEASE_TTL_MAX_S: Final = 6.0
+LEASE_TTL_MAX_S: Final = 4.0
 
 #: Seconds between lease renewals: a third of the longest lease, so two
 #: renewals in a row can fail (a Redis blip) before the lease runs out.
@@ -56,16 +58,27 @@ VISIBILITY_SLACK_S: Final = 30.0
 UNACKED_RESTORE_INTERVAL_S: Final = 5
 
 #: Seconds between reaper runs (a beat entry): how often claims whose holder
-#: is gone are looked for.
-REAP_INTERVAL_S: Final = 2.0
+#: is gone are looked for. With the lease, it bounds how long a dead
+#: holder's key waits: a lease and one tick.
+REAP_INTERVAL_S: Final = 1.0
 
 #: Seconds a republished key is left alone before it may be republished
-#: again: long enough for the new delivery to be claimed through a backlog.
-REPUBLISH_AFTER_S: Final = 30.0
+#: again: the new delivery goes to the control queue, which no backlog
+#: delays, so it is claimed within a tick or two unless every process of
+#: every worker is busy; republished again too soon, it is a counted skip.
+REPUBLISH_AFTER_S: Final = 10.0
 
 #: Seconds of margin, past a lease and a reaper tick, before an unacked
 #: message with no claim and no lease is taken for stranded.
 STRANDED_MARGIN_S: Final = 4.0
+
+
+#: Seconds after its publish before a message still in the outbox (no run
+#: leased its entity) may be taken for lost (:mod:`fleetworks.outbox`). It
+#: covers the time from recording to the broker's LPUSH (one pipeline) and
+#: clock skew between publisher and reaper; too short costs a duplicate
+#: message (run once), never a duplicate effect.
+OUTBOX_AFTER_S: Final = 3.0
 
 
 def lock_ttl_s(time_limit_s: float) -> float:
@@ -90,6 +103,8 @@ class Timings:
     retry_overdue_after_s: float
     republish_after_s: float
     stranded_after_s: float
+    #: A recorded message this old, in no queue, unacked entry or claim, was lost.
+    outbox_after_s: float
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Timings:
@@ -108,6 +123,7 @@ class Timings:
             retry_overdue_after_s=RETRY_BACKOFF_MAX_S + VISIBILITY_SLACK_S,
             republish_after_s=REPUBLISH_AFTER_S,
             stranded_after_s=LEASE_TTL_MAX_S + REAP_INTERVAL_S + STRANDED_MARGIN_S,
+            outbox_after_s=OUTBOX_AFTER_S,
         )
 
     def problems(self) -> list[str]:
@@ -129,6 +145,10 @@ class Timings:
             (
                 self.stranded_after_s > self.lease_ttl_s + self.reap_interval_s,
                 "a message may be taken for stranded only after a lease and a reaper tick",
+            ),
+            (
+                0 < self.outbox_after_s < self.stranded_after_s,
+                "a lost message must be republished sooner than a stranded one is restored",
             ),
             (
                 self.republish_after_s > self.reap_interval_s,

@@ -13,9 +13,13 @@ machine that has it, and a silent skip there would hide a regression.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
+import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,8 +249,57 @@ def broker_idle(queue: str) -> bool:
     Scoped to the queue: another test's killed worker may leave its own
     messages in the broker's shared unacked hash until the visibility timeout.
     """
-    import json
-
     client = redis.Redis.from_url(BROKER_URL)
     held = [json.loads(raw)[2] for raw in client.hvals("unacked")]
     return bool(client.llen(queue) == 0 and queue not in held)
+
+
+class EtcdServer:
+    """One ``etcd`` member on loopback ports of its own, data in ``data_dir``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.client_port, self.peer_port = free_port(), free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"etcd://127.0.0.1:{self.client_port}"
+
+    def start(self) -> EtcdServer:
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        client = f"http://127.0.0.1:{self.client_port}"
+        argv = [
+            str(shutil.which("etcd")), "--name", "test", "--data-dir", str(self.data_dir),
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"test={peer}",
+        ]  # fmt: skip
+        log = (self.data_dir.parent / f"{self.data_dir.name}.log").open("ab")
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        wait_for(self._healthy, 30, f"etcd on {client}")
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None and self.proc.poll() is None, "etcd exited"
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.client_port}/health", timeout=1
+            ) as reply:
+                return bool(json.loads(reply.read()).get("health") == "true")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(15)
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    require(shutil.which("etcd") is not None, "etcd not installed (Debian: etcd-server)")
+    server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data").start()
+    yield server
+    server.stop()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -19,14 +21,14 @@ from fleetworks.procs import Child, wait_workers
 from tests.conftest import BROKER_URL, LOCKS_URL, wait_for
 
 
-def test_another_project_charges_each_order_once(tmp_path: Path) -> None:
+@contextmanager
+def shop_worker(tmp_path: Path) -> Iterator[tuple[Child, str]]:
+    """A real worker of the shop's app on a queue of its own, with SQLite."""
     url = f"sqlite:///{tmp_path / 'shop.db'}"
     queue = f"shop-{os.getpid()}"
     os.environ["SHOP_BROKER_URL"] = BROKER_URL
     os.environ["SHOP_QUEUE"] = queue
     from examples.shop.celery import app, fleet
-    from examples.shop.schema import receipts
-    from fleetworks import enqueue_many
 
     upgrade(url, fleet.migrations)
     name = f"shop-{os.getpid()}"
@@ -39,6 +41,18 @@ def test_another_project_charges_each_order_once(tmp_path: Path) -> None:
     child = Child(name, argv, env, log_path=tmp_path / "worker.log").start()
     try:
         wait_workers(app, [f"{name}@{socket.gethostname()}"], timeout_s=60)
+        yield child, queue
+    finally:
+        child.stop(10)
+
+
+def test_another_project_charges_each_order_once(tmp_path: Path) -> None:
+    from examples.shop.celery import app
+    from examples.shop.schema import receipts
+    from fleetworks import enqueue_many
+
+    url = f"sqlite:///{tmp_path / 'shop.db'}"
+    with shop_worker(tmp_path) as (child, queue):
         # Given three orders, each delivered seven times, racing on two processes
         orders = [{"order_id": f"o{i}", "amount_cents": 100 + i} for i in range(3)] * 7
         enqueue_many(app, "shop.charge", orders, queue=queue)
@@ -56,5 +70,3 @@ def test_another_project_charges_each_order_once(tmp_path: Path) -> None:
             rows = conn.execute(select(receipts.c.order_id, receipts.c.charges)).all()
         assert sorted(rows) == [("o0", 1), ("o1", 1), ("o2", 1)]
         assert "shop.charge" in child.log_tail(20_000)
-    finally:
-        child.stop(10)

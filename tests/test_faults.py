@@ -196,3 +196,54 @@ def test_failure_then_success_is_one_effect(worker: Worker) -> None:
     assert done.attempts == 3
     assert done.error is None
     assert effects(worker.database_url, "recovers") == [done.fencing_token]
+
+
+def test_client_kill_cuts_the_workers_broker_connections_and_only_theirs(
+    worker: Worker, tmp_path: Path
+) -> None:
+    """client-kill on Redis: every connection of the worker's processes to the
+    broker dies (its consumer among them, blocked in BRPOP), the worker
+    reconnects and works on; a connection of anyone else survives. Loss is
+    not asserted here: a popped message can die with its connection."""
+    import random
+
+    from fleetworks.proving import faults
+    from tests.conftest import BROKER_URL
+
+    client = redis.Redis.from_url(BROKER_URL)
+    port = client.connection_pool.connection_kwargs["port"]
+
+    def theirs() -> list[dict[str, Any]]:
+        pids = [worker.child.pid, *worker.pool_pids()]
+        mine = faults._connections_to(pids, port)
+        return [e for e in client.client_list() if faults._address(e["addr"]) in mine]
+
+    # Given the worker waiting for work in BRPOP, and a bystander's connection
+    before = wait_for(
+        lambda: (found := theirs()) and any(e["cmd"] == "brpop" for e in found) and found,
+        what="the worker blocked in BRPOP",
+    )
+    bystander = redis.Redis.from_url(BROKER_URL)
+    bystander_id = bystander.client_id()
+    injector = faults.Injector([worker.child], None, worker.database_url, random.Random(1),
+                               broker_url=BROKER_URL)  # fmt: skip
+    # When client-kill hits
+    detail = injector.client_kill([])
+    # Then every one of the worker's connections of before is gone,
+    gone = {e["id"] for e in before} - {e["id"] for e in client.client_list()}
+    assert gone == {e["id"] for e in before}, detail
+    assert "in BRPOP" in detail and int(detail.split()[3]) >= len(before), detail
+    # the bystander's is not,
+    assert bystander.ping() and bystander.client_id() == bystander_id
+    # and the worker is back in BRPOP on a new connection, having said so
+    wait_for(
+        lambda: any(e["cmd"] == "brpop" and e["id"] not in gone for e in theirs()),
+        what="the worker to consume again",
+    )
+    log = worker.child.log_tail(200_000)
+    assert log.count("Connected to redis") >= 2, log[-3000:]
+    # And it works on.
+    worker.enqueue("probe.run", {"id": "after-client-kill"})
+    wait_for(lambda: status_is(worker.database_url, "probe:after-client-kill", "succeeded"))
+    bystander.close()
+    client.close()

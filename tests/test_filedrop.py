@@ -61,3 +61,29 @@ def test_files_dropped_become_events_and_the_same_content_is_stored_once(
     again = watch(fleet, folder, done)
     assert (again.stored, again.already) == (0, 4)
     assert len(stored(fleet)) == 3
+
+
+def test_a_file_dropped_before_the_watcher_listens_is_taken(
+    fleet: Fleet, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A file written after the first pass and before the filesystem watcher
+    listens raises no change; the pass made once it listens takes it."""
+    from fleetworks import filedrop
+
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    real = filedrop.watch_changes
+
+    def late_listener(*args: Any, **kwargs: Any) -> Any:
+        (folder / "in-between.txt").write_bytes(b"dropped in the window")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(filedrop, "watch_changes", late_listener)
+    stop, thread, seen = watching(fleet, folder)
+    try:
+        wait_for(lambda: len(stored(fleet)) == 1, 10, "the file dropped in the window")
+    finally:
+        stop.set()
+        thread.join(10)
+    assert [r.key for r in stored(fleet)] == ["in-between.txt"]
+    assert (seen[0].stored, seen[0].already) == (1, 0)

@@ -9,6 +9,7 @@ test_guard_integration and test_faults.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -76,6 +77,25 @@ def test_bad_input_is_one_rejected_row_naming_the_problem_never_retried(
         assert conn.execute(select(OUTCOMES.c.id)).all().__len__() == 1
 
 
+def test_a_payload_the_model_takes_but_no_json_column_stores_is_rejected(
+    fleet: Fleet, run_agent: Any
+) -> None:
+    """bytes, Decimal or NaN (what kombu's JSON decoder and Python's make of
+    some messages) passed the model, then failed the claim's JSON column."""
+    cases = {
+        "id": ({"id": b"abc"}, "id: bytes is not JSON data"),
+        "work_ms": ({"id": "d", "work_ms": Decimal(5)}, "work_ms: Decimal is not JSON data"),
+    }
+    for payload, reason in cases.values():
+        done = run_agent(PROBE, payload)
+        assert done.status == "rejected" and reason in done.outcome["error"], done
+    mention = {"mention_id": "m", "brand": "b", "author": "a", "text": "t", "followers": 1}
+    done = run_agent("mentions.respond", {**mention, "sentiment": float("nan")})
+    assert done.status == "rejected", done
+    assert "sentiment: nan is not a JSON number" in done.outcome["error"]
+    assert effects(fleet, "abc") == effects(fleet, "d") == []
+
+
 def test_a_key_with_a_lone_surrogate_is_rejected(run_agent: Any) -> None:
     done = run_agent(PROBE, {"id": "d"}, key="k\ud800")
     assert done.status == "rejected"
@@ -105,6 +125,14 @@ def test_failures_back_off_within_bounds_then_go_dead(fleet: Fleet, run_agent: A
     assert "failing attempt 4" in last.outcome["error"]
     assert effects(fleet, "flaky") == []
     assert len(set(waits)) > 1, "jittered waits differ"
+
+
+def test_a_retry_count_from_a_message_past_any_real_one_waits_the_cap() -> None:
+    """A ``retries`` header of 10**30 made the back-off compute 2**(10**30),
+    which never finished; the bound is the cap, at once."""
+    assert backoff_bound(10**30, RETRY_BACKOFF_BASE_S, RETRY_BACKOFF_MAX_S) == RETRY_BACKOFF_MAX_S
+    assert backoff_bound(64, 1.0, 30.0) == backoff_bound(65, 1.0, 30.0) == 30.0
+    assert backoff_bound(2, 1.0, 30.0) == 4.0  # unchanged below the cap
 
 
 def test_a_failure_then_success_is_one_effect(fleet: Fleet, run_agent: Any) -> None:
@@ -326,44 +354,66 @@ def test_while_redis_is_away_the_run_waits_in_place_and_succeeds_once(
         server.stop()
 
 
-def hold_unacked(channel: Any, fleet: Fleet, payload: dict[str, Any], age_s: float) -> None:
+def hold_unacked(
+    channel: Any, fleet: Fleet, payload: dict[str, Any], age_s: float, **options: Any
+) -> str:
     """Publish a probe message and take it on ``channel`` without acknowledging
-    it, as a worker that then died would; its delivery is dated ``age_s`` ago."""
+    it, as a worker that then died would; its delivery is dated ``age_s`` ago.
+    Returns its delivery tag."""
     import time
 
-    fleet.app.send_task(PROBE, kwargs={"payload": payload}, queue=fleet.settings.queue)
+    fleet.app.send_task(PROBE, kwargs={"payload": payload}, queue=fleet.settings.queue, **options)
     message = channel.basic_get(fleet.settings.queue, no_ack=False)
     assert message is not None
     channel.client.zadd(channel.unacked_index_key, {message.delivery_tag: time.time() - age_s})
+    return str(message.delivery_tag)
 
 
-def test_restore_stranded_gives_back_an_unacked_unclaimed_message(fleet: Fleet) -> None:
-    """A message a lost worker took but never claimed goes back to its queue,
-    unless it is young, its key is claimed by a live run, or its entity is leased."""
-    from fleetworks import kombu_redis
-    from fleetworks.ledger import RunId
+def test_restore_stranded_gives_back_what_no_live_worker_holds(fleet: Fleet) -> None:
+    """An unacked message goes back to its queue when no live worker's snapshot
+    holds it, unless it is younger than the snapshots, a countdown still
+    waiting, or its own delivery's lease is alive (its task runs); a lease of
+    another delivery on the entity does not keep it."""
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from fleetworks import holders, kombu_redis
     from fleetworks.reaper import restore_stranded
 
     def restore() -> list[str]:
-        return restore_stranded(fleet.app, fleet.agents, fleet.ledger, fleet.locks, fleet.timings)
+        return sorted(
+            restore_stranded(fleet.app, fleet.agents, fleet.ledger, fleet.locks, fleet.timings)
+        )
 
-    old = fleet.timings.stranded_after_s + 5
     client = redis.Redis.from_url(fleet.settings.broker)
+    locks = fleet.locks.client
     # The "lost worker" keeps its connection open: closing it would give its
     # messages back itself (kombu restores a channel's unacked on close).
     conn = fleet.app.connection_for_write()
     try:
         channel = conn.default_channel
         lists = kombu_redis.priority_lists(channel, fleet.settings.queue)
-        for name, age in (("young", 1.0), ("running", old), ("leased", old), ("lost", old)):
-            hold_unacked(channel, fleet, {"id": name}, age_s=age)
-        fleet.ledger.claim(RunId(PROBE, "probe:running", "t", "w"), entity="probe:running",
-                           token=1, payload={}, queue=None)  # fmt: skip
-        lease = fleet.locks.acquire("probe:leased", 6.0)
-        assert lease is not None
+        tags = {
+            name: hold_unacked(channel, fleet, {"id": name}, age_s=age)
+            for name, age in (("young", 0.1), ("held", 10), ("running", 10), ("lost", 10),
+                              ("contended", 10), ("stale-held", 10))
+        }  # fmt: skip
+        due = (datetime.now(UTC) + timedelta(seconds=60)).isoformat()
+        tags["countdown"] = hold_unacked(channel, fleet, {"id": "countdown"}, 10, eta=due)
+        # A live worker holds "held"; a worker silent for longer than the
+        # staleness bound held "stale-held".
+        holders.write(locks, "live@host", [tags["held"]])
+        holders.write(locks, "gone@host", [tags["stale-held"]],
+                      at=time.time() - holders.STALE_AFTER_S - 1)  # fmt: skip
+        # "running" holds its own lease; another delivery holds "contended"'s entity.
+        assert fleet.locks.acquire("probe:running", 6.0, owner=tags["running"]) is not None
+        assert fleet.locks.acquire("probe:contended", 6.0, owner="another-tag") is not None
         assert sum(client.llen(name) for name in lists) == 0
-        assert restore() == ["probe:lost"]
-        assert sum(client.llen(name) for name in lists) == 1
+        assert restore() == ["probe:contended", "probe:lost", "probe:stale-held"]
+        assert sum(client.llen(name) for name in lists) == 3
         assert restore() == [], "restored once"
+        # Once the running task's own lease is gone (its worker died), it comes back too.
+        assert fleet.locks.release_owner("probe:running", tags["running"])
+        assert restore() == ["probe:running"]
     finally:
         conn.release()

@@ -267,6 +267,11 @@ NAMED: list[tuple[Any, list[str]]] = [
     ({"id": "x", "work_ms": 600_001}, [" work_ms: "]),
     ({"id": "x", "work_ms": -1}, [" work_ms: "]),
     ({"id": "x", "work_ms": -(10**30)}, [" work_ms: "]),
+    # kombu's decoder makes these bytes, Decimal and NaN, which the model took
+    # and no JSON column stores: the run failed unrecorded.
+    ({"id": {"__type__": "bytes", "__value__": "eA=="}}, [" id: bytes is not JSON data"]),
+    ({"id": "x", "work_ms": {"__type__": "decimal", "__value__": "5"}}, [" work_ms: Decimal is"]),
+    ({"id": "x", "work_ms": float("nan")}, [" work_ms: nan is not a JSON number"]),
     ([], ["JSON object"]),
     (["a", {"id": "x"}], ["JSON object"]),
     ([nest(200)], ["JSON object"]),
@@ -483,15 +488,36 @@ class RawMessage:
     properties: dict[str, Any]
 
 
-def raw_message(case: str, task_id: str, probe_id: str, tripwire: Path) -> RawMessage:
-    """A protocol-v2 message for a valid probe, then broken the way ``case`` says."""
+def publish(worker: Worker, message: RawMessage) -> None:
+    """Publish ``message`` as it is straight to the worker's queue."""
     from config import app
 
-    # The headers, properties and body Celery itself would send (as_task_v2).
-    msg = app.amqp.as_task_v2(task_id, AGENT, kwargs={"payload": {"id": probe_id}})
-    headers = dict(msg.headers)
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            message.body,
+            routing_key=worker.queue,
+            exchange=worker.queue,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            headers=message.headers,
+            **message.properties,
+        )
+
+
+def probe_message(task_id: str, probe_id: str, **kwargs: Any) -> RawMessage:
+    """The protocol-v2 message Celery itself would send for a valid probe."""
+    from config import app
+
+    msg = app.amqp.as_task_v2(task_id, AGENT, kwargs={"payload": {"id": probe_id}, **kwargs})
     body = json.dumps(msg.body).encode()
-    content_type, encoding = "application/json", "utf-8"
+    return RawMessage(body, "application/json", "utf-8", dict(msg.headers), dict(msg.properties))
+
+
+def raw_message(case: str, task_id: str, probe_id: str, tripwire: Path) -> RawMessage:
+    """A protocol-v2 message for a valid probe, then broken the way ``case`` says."""
+    msg = probe_message(task_id, probe_id)
+    headers, body = msg.headers, msg.body
+    content_type, encoding = msg.content_type, msg.content_encoding
     if case == "not json":
         body = b'[[], {"payload": {"id": "' + probe_id.encode() + b'"'
     elif case == "unknown task":
@@ -502,12 +528,14 @@ def raw_message(case: str, task_id: str, probe_id: str, tripwire: Path) -> RawMe
         del headers["task"]
     elif case == "no id":
         del headers["id"]
+    elif case == "task not a string":
+        headers["task"] = [AGENT]
     elif case == "pickle":
-        args, kwargs, embed = msg.body
+        args, kwargs, embed = json.loads(msg.body)
         kwargs = {**kwargs, "key": Tripwire(tripwire)}
         body = pickle.dumps((args, kwargs, embed))
         content_type, encoding = "application/x-python-serialize", "binary"
-    return RawMessage(body, content_type, encoding, headers, dict(msg.properties))
+    return RawMessage(body, content_type, encoding, headers, msg.properties)
 
 
 #: What Celery logs when it drops each kind of message (celery/worker/consumer/consumer.py).
@@ -518,6 +546,9 @@ DISCARD_LINES: dict[str, str | None] = {
     "no task, no id": UNKNOWN_MESSAGE,
     "no task": UNKNOWN_MESSAGE,
     "no id": "cannot run: message has no 'id' header; it will be rejected",
+    # Celery's own handler raises on it and the whole worker exits (fleetworks drops it).
+    "task not a string": "Dropped an invalid task message: its 'task' header must be a string, "
+    "got list",
     "pickle": "Received invalid task message: Refusing to deserialize untrusted content "
     "of type pickle (application/x-python-serialize)",
 }
@@ -531,6 +562,7 @@ DISCARD_LINES: dict[str, str | None] = {
         "no task, no id",
         "no task",
         "no id",
+        "task not a string",
         "pickle",
     ],
 )
@@ -538,23 +570,12 @@ def test_raw_broker_message_is_dropped_and_the_worker_keeps_serving(
     worker: Worker, case: str, tmp_path: Path
 ) -> None:
     """A message Celery cannot run is dropped once, logged, never run; the worker serves on."""
-    from config import app
-
     task_id, probe_id = str(uuid.uuid4()), f"raw-{uuid.uuid4().hex}"
     tripwire = tmp_path / "unpickled"
     message = raw_message(case, task_id, probe_id, tripwire)
     try:
         # When the message is published straight to the worker's queue
-        with app.producer_or_acquire() as producer:
-            producer.publish(
-                message.body,
-                routing_key=worker.queue,
-                exchange=worker.queue,
-                content_type=message.content_type,
-                content_encoding=message.content_encoding,
-                headers=message.headers,
-                **message.properties,
-            )
+        publish(worker, message)
         # Then Celery logs that it dropped it, and it leaves the broker for good
         line = DISCARD_LINES[case]
         if line is not None:
@@ -592,3 +613,170 @@ def test_raw_broker_message_is_dropped_and_the_worker_keeps_serving(
         # A message the worker cannot get rid of must not outlive this test.
         worker.child.stop(5)
         purge(worker.queue)
+
+
+# --- envelopes Celery cannot use -----------------------------------------------
+
+
+def pool_of(worker: Worker) -> set[int]:
+    return set(worker.pool_pids())
+
+
+def rejected_rows(url: str, key_like: str) -> list[Any]:
+    with transaction(url) as conn:
+        return list(conn.execute(select(OUTCOMES).where(OUTCOMES.c.idempotency_key.like(key_like))))
+
+
+#: Headers Celery cannot use, each on an otherwise valid probe, and what the row names.
+BAD_HEADERS: dict[str, tuple[dict[str, Any], str]] = {
+    # Celery added the time limits up in the worker's main process: it exited.
+    "time limit a string": ({"timelimit": "ab"}, "'timelimit' header must be list or null"),
+    "time limit of one value": ({"timelimit": [1]}, "'timelimit' header must be [hard, soft]"),
+    "time limit negative": ({"timelimit": [None, -1]}, "-1 is not a positive number"),
+    # Celery dropped these with a log line and no record.
+    "eta not a time": ({"eta": "soon"}, "'eta' header 'soon' is not an ISO 8601 time"),
+    "expires a number": ({"expires": -1}, "'expires' header must be str or null, got int"),
+    # The broker would hand it out again every visibility timeout until then.
+    "eta centuries ahead": ({"eta": "2999-01-01T00:00:00+00:00"}, "beyond the broker's visibility"),
+    # The retry policy's back-off grows with it.
+    "retries past any count": ({"retries": 10**30}, "'retries' header must be 0 to"),
+    "retries a string": ({"retries": "x"}, "'retries' header must be int or null, got str"),
+    # Celery copies every header onto the request: these replace its methods.
+    "a header named update": ({"update": 1}, "header 'update' is reserved"),
+    "a header named __dict__": ({"__dict__": 1}, "header '__dict__' is reserved"),
+    "shadow a list": ({"shadow": ["x"]}, "'shadow' header must be str or null, got list"),
+    # Celery hashed each name in the worker's main process: it exited.
+    "a stamped header not a name": (
+        {"stamped_headers": [["x"]], "stamps": {}},
+        "'stamped_headers' header must list names, got list",
+    ),
+    # A failed link left the message unacknowledged, redelivered forever.
+    "an errback": ({"errbacks": [{"a": 1}]}, "'errbacks': an agent's message carries no"),
+    "a chain": ({"chain": [{"task": AGENT}]}, "'chain': an agent's message carries no"),
+}
+
+#: Task ids Celery cannot use: a list or a dict made its handler raise, ending the worker.
+BAD_IDS: list[Any] = [["x"], {"a": 1}, 7, None, ""]
+
+
+def test_headers_celery_cannot_use_are_one_rejected_row_naming_them(worker: Worker) -> None:
+    """Each bad header of an agent's message is one ``rejected`` row naming it;
+    the worker and its pool processes live on."""
+    pool = pool_of(worker)
+    sent: dict[str, tuple[str, str]] = {}
+    for label, (patch, reason) in BAD_HEADERS.items():
+        task_id = str(uuid.uuid4())
+        message = probe_message(task_id, f"h-{task_id}")
+        message.headers.update(patch)
+        publish(worker, message)
+        sent[label] = (task_id, reason)
+    for bad_id in BAD_IDS:
+        message = probe_message("replaced", f"i-{uuid.uuid4().hex}")
+        message.headers["id"] = bad_id
+        publish(worker, message)
+
+    def all_bad_ids() -> list[str] | None:
+        rows = rejected_rows(worker.database_url, "rejected:invalid-id-%")
+        return [r.error for r in rows] if len(rows) == len(BAD_IDS) else None
+
+    got = wait_for(all_bad_ids, what="a row for each bad id")
+    kinds = sorted(type(i).__name__ for i in BAD_IDS)
+    assert sorted(e.rsplit("got ", 1)[1] for e in got) == kinds, got
+    assert all("message 'id' header must be a non-empty string" in e for e in got)
+    assert_rejected_each(worker, sent)
+    assert not {k for k in effect_keys(worker.database_url) if k.startswith(("h-", "i-"))}
+    assert pool_of(worker) == pool, "a pool process was lost"
+
+
+#: Bodies of the wrong shape for an agent's message, and what the row names.
+BAD_BODIES: dict[str, tuple[Any, str]] = {
+    # Celery's strategy raised on it (`'args' in 5`): the worker exited.
+    "a number": (5, "message body must be [args, kwargs, embed], got int"),
+    "null": (None, "message body must be [args, kwargs, embed], got NoneType"),
+    # The rest raised in the pool, unrecorded.
+    "an object": ({"args": [], "kwargs": {}}, "got dict"),
+    "two elements": ([[], {"payload": {"id": "b2"}}], "got list of 2"),
+    "args a string": (["abc", {"payload": {"id": "b3"}}, {}], "args must be a list, got str"),
+    "kwargs a list": ([[], [1], {}], "kwargs must be an object, got list"),
+    "embed a list": ([[], {"payload": {"id": "b4"}}, [1]], "embed must be an object or null"),
+    "an errback in embed": (
+        [[], {"payload": {"id": "b5"}}, {"errbacks": [{"a": 1}]}],
+        "embed 'errbacks': an agent's message carries no Celery canvas links",
+    ),
+    "something else in embed": ([[], {"payload": {"id": "b6"}}, {"x": 1}], "may not hold 'x'"),
+}
+
+
+def test_a_body_of_the_wrong_shape_is_one_rejected_row_naming_it(worker: Worker) -> None:
+    pool = pool_of(worker)
+    sent: dict[str, tuple[str, str]] = {}
+    for label, (body, reason) in BAD_BODIES.items():
+        task_id = str(uuid.uuid4())
+        message = probe_message(task_id, "unused")
+        message.body = json.dumps(body).encode()
+        publish(worker, message)
+        sent[label] = (task_id, reason)
+    assert_rejected_each(worker, sent)
+    assert not {k for k in effect_keys(worker.database_url) if k.startswith("b")}
+    assert pool_of(worker) == pool, "a pool process was lost"
+
+
+def test_a_time_limit_in_the_message_neither_kills_the_pool_nor_outlives_the_agents(
+    worker: Worker,
+) -> None:
+    """An agent runs on its own time limits: a message asking for 1 ms (which
+    killed the pool process) or for more than the agent's runs on the agent's."""
+    pool = pool_of(worker)
+    sent = {}
+    for limits in ([0.001, 0.001], [1e9, 1e9], [None, None]):
+        task_id, probe_id = str(uuid.uuid4()), f"tl-{uuid.uuid4().hex}"
+        message = probe_message(task_id, probe_id)
+        message.body = json.dumps([[], {"payload": {"id": probe_id, "work_ms": 50}}, {}]).encode()
+        message.headers["timelimit"] = limits
+        publish(worker, message)
+        sent[task_id] = probe_id
+    found = settle(worker, list(sent))
+    assert {t: [r.status for r in rows] for t, rows in found.items()} == {
+        t: ["succeeded"] for t in sent
+    }
+    assert set(sent.values()) <= effect_keys(worker.database_url)
+    assert pool_of(worker) == pool, "a pool process was killed by a message's time limit"
+    assert "Hard time limit" not in worker_log(worker)
+
+
+def test_a_task_id_longer_than_its_column_is_stored_clipped(worker: Worker) -> None:
+    """A valid message whose id is longer than 64 characters (PostgreSQL
+    refused the claim) runs once; its rows keep the id's first characters."""
+    from fleetworks.claims import stored_task_id
+
+    task_id = f"{uuid.uuid4()}-{'x' * 100}"
+    probe_id = f"long-{uuid.uuid4().hex}"
+    publish(worker, probe_message(task_id, probe_id))
+    clipped = stored_task_id(task_id)
+    assert clipped is not None and len(clipped) == 64
+    rows = settle(worker, [clipped])[clipped]
+    assert [(r.status, r.idempotency_key) for r in rows] == [("succeeded", f"probe:{probe_id}")]
+    assert probe_id in effect_keys(worker.database_url)
+
+
+def test_a_message_for_a_plain_task_celery_cannot_take_is_dropped(tmp_path: Path) -> None:
+    """In a Celery app given a fleet by ``init_app`` (the shop), a message for
+    one of its plain tasks with a list for its id made Celery's handler raise
+    and the worker exit; it is dropped with a log line naming the error."""
+    from tests.test_example_shop import shop_worker
+
+    with shop_worker(tmp_path) as (child, queue):
+        message = probe_message("x", "y")
+        message.headers.update(task="celery.backend_cleanup", id=["not", "an", "id"])
+        from config import app
+
+        with app.producer_or_acquire() as producer:
+            producer.publish(
+                message.body, routing_key=queue, exchange=queue,
+                content_type=message.content_type, content_encoding=message.content_encoding,
+                headers=message.headers,
+            )  # fmt: skip
+        line = "Dropped an invalid task message: the worker could not take it (TypeError("
+        wait_for(lambda: line in child.log_tail(1_000_000), timeout_s=SERVING_S, what=repr(line))
+        wait_for(lambda: broker_idle(queue), timeout_s=SERVING_S, what="the message to be gone")
+        assert child.alive(), child.log_tail()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,8 @@ from sqlalchemy import select
 
 from fleetworks.agent import Fleet
 from fleetworks.db import transaction
-from fleetworks.ingest import serve
+from fleetworks.events import MAX_DATA_DEPTH
+from fleetworks.ingest import IngestHandler, serve
 from fleetworks.models import EVENTS
 from fleetworks.settings import Settings
 
@@ -29,6 +31,9 @@ def endpoint(fleet: Fleet) -> Iterator[tuple[str, int]]:
         yield "127.0.0.1", int(server.server_address[1])
     finally:
         server.shutdown()
+
+
+DEEP_DATA = ('{"a":' * 300 + "1" + "}" * 300).encode()
 
 
 def post(
@@ -104,6 +109,16 @@ def test_the_body_id_is_the_event_id_and_without_one_each_post_is_new(
         ("/events/t", None, {}, 411, "Content-Length: required"),
         ("/events/", b"{}", {}, 404, "not found: POST /events/<topic>"),
         ("/metrics", b"{}", {}, 404, "not found"),
+        # Read to the end of the connection, and stored.
+        ("/events/t", b"{}", {"Content-Length": "-1"}, 400, "Content-Length: -1 is negative"),
+        # json raised RecursionError: the connection dropped without an answer.
+        ("/events/t", b"[" * 5000 + b"]" * 5000, {}, 400, "body: invalid JSON: nested too deeply"),
+        # Stored, then refused by every subscriber (their message nests it deeper).
+        ("/events/t", DEEP_DATA, {}, 400, f"data: nested deeper than {MAX_DATA_DEPTH} levels"),
+        # Stored with a NUL in its id (refused by PostgreSQL as a 503), which no
+        # subscriber's idempotency key can hold.
+        ("/events/t", b"{}", {"Idempotency-Key": "a\x00b"}, 400, "Idempotency-Key: must be"),
+        ("/events/t", b'{"id": "a\\u0000b"}', {}, 400, "id: must be a string of 1 to 200"),
     ],
 )
 def test_a_bad_request_is_a_4xx_naming_the_problem(
@@ -148,3 +163,54 @@ def test_listening_beyond_loopback_without_a_token_is_refused() -> None:
     with pytest.raises(ValidationError, match="FLEET_INGEST_TOKEN"):
         Settings(ingest_address="0.0.0.0")
     assert Settings(ingest_address="0.0.0.0", ingest_token=SecretStr("t")).ingest_token
+
+
+def test_a_method_or_request_the_server_cannot_handle_is_a_4xx_in_json(
+    endpoint: tuple[str, int],
+) -> None:
+    """http.server answered these itself, in HTML: 501 for a method it has no
+    handler for, 400 for a request line it cannot read."""
+    from tests.test_fuzz_ingest import exchange, parse
+
+    status, answer = parse(exchange(endpoint, b"BREW /events/t HTTP/1.1\r\n\r\n"))
+    assert status == 405 and "method BREW not allowed" in answer["error"]
+    status, answer = parse(exchange(endpoint, b"POST /events/t HTTP/1.1 extra\r\n\r\n"))
+    assert status == 400 and answer["error"].startswith("request: Bad request version")
+    status, answer = parse(exchange(endpoint, b"POST /events/t HTTP/1.1\r\n" + b"X: y\r\n" * 101))
+    assert status == 431 and answer["error"].startswith("request: Too many headers")
+
+
+def test_a_body_refused_before_it_is_read_does_not_reset_the_connection(
+    fleet: Fleet, endpoint: tuple[str, int]
+) -> None:
+    """A request refused before its body is read (401 here) gets its answer
+    whole: the server reads the body first, when it is within the limit; the
+    connection was reset under the client before."""
+    from tests.test_fuzz_ingest import parse
+
+    fleet.settings = fleet.settings.model_copy(update={"ingest_token": SecretStr("s3cret")})
+    body = b'{"a": "' + b"x" * 500_000 + b'"}'
+    head = f"POST /events/t HTTP/1.1\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    for _ in range(5):
+        with socket.create_connection(endpoint, timeout=10) as sock:
+            sock.sendall(head + body)
+            answer = b"".join(iter(lambda: sock.recv(65_536), b""))
+        status, reply = parse(answer)
+        assert status == 401 and "bearer token" in reply["error"]
+    assert stored(fleet) == []
+
+
+def test_a_body_announced_and_not_sent_is_408_in_time(
+    fleet: Fleet, endpoint: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that announces a body and then says nothing held a server
+    thread forever; it gets 408 after the handler's timeout."""
+    from tests.test_fuzz_ingest import parse
+
+    monkeypatch.setattr(IngestHandler, "timeout", 0.5)
+    with socket.create_connection(endpoint, timeout=10) as sock:
+        sock.sendall(b"POST /events/t HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+        answer = b"".join(iter(lambda: sock.recv(65_536), b""))
+    status, reply = parse(answer)
+    assert status == 408 and reply["error"] == "body: 100 bytes announced, not sent in time"
+    assert stored(fleet) == []

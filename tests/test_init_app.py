@@ -6,8 +6,13 @@ import dataclasses
 
 import pytest
 from celery import Celery
+from kombu import Queue
+from kombu.transport.native_delayed_delivery import calculate_routing_key
+from pydantic import ValidationError
 
-from fleetworks import GuaranteeError, fleet_of, init_app, load_app
+from fleetworks import GuaranteeError, create_app, fleet_of, init_app, load_app
+from fleetworks.agent import queue_of
+from fleetworks.reaper import control_queue
 from fleetworks.settings import Settings
 from fleetworks.timing import Timings
 
@@ -113,3 +118,89 @@ def test_two_fleets_in_one_process_each_run_their_own_agent() -> None:
         task = fleet.app.tasks["two.fleets"]
         assert task.fleet is fleet
         assert task.behaviour(None, None) == fleet.app.main.rsplit("-", 1)[1]
+
+
+AMQP = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def test_quorum_queues_are_declared_as_celery_needs_them() -> None:
+    """FLEET_QUEUE_TYPE=quorum: the agent and control queues, and any created on
+    the fly, are quorum queues on topic exchanges (native delayed delivery binds
+    no other), the workers drop global QoS, and every publish is confirmed."""
+    settings = Settings(broker_url=AMQP, redis_url="redis://127.0.0.1:1/1", queue_type="quorum")
+    app = create_app(settings)
+    queues = app.amqp.queues
+    assert sorted(queues) == ["fleet", "fleet.control"]
+    for name in ("fleet", "fleet.control"):
+        assert queues[name].queue_arguments == {"x-queue-type": "quorum"}
+        assert queues[name].exchange.type == "topic"
+        # Bound under its own name: a topic exchange routes by binding.
+        assert queues[name].routing_key == name
+    made = queues.new_missing("elsewhere")
+    assert made.queue_arguments == {"x-queue-type": "quorum"} and made.exchange.type == "topic"
+    assert app.conf.worker_detect_quorum_queues is True
+    assert app.conf.broker_transport_options["confirm_publish"] is True
+
+
+def test_classic_queues_on_rabbitmq_are_confirmed_and_redis_is_unchanged() -> None:
+    classic = create_app(Settings(broker_url=AMQP, redis_url="redis://127.0.0.1:1/1"))
+    assert classic.amqp.queues["fleet"].queue_arguments is None
+    assert classic.amqp.queues["fleet"].exchange.type == "direct"
+    assert classic.conf.broker_transport_options["confirm_publish"] is True
+    on_redis = create_app(SETTINGS)
+    assert "confirm_publish" not in on_redis.conf.broker_transport_options
+    assert on_redis.amqp.queues["fleet"].queue_arguments is None
+
+
+def test_quorum_queues_on_redis_are_refused_by_name() -> None:
+    with pytest.raises(ValidationError, match="FLEET_QUEUE_TYPE=quorum needs a RabbitMQ broker"):
+        Settings(broker_url="redis://127.0.0.1:1/0", queue_type="quorum")
+    with pytest.raises(ValidationError, match="FLEET_QUEUE_TYPE=quorum needs a RabbitMQ broker"):
+        Settings(broker_url=None, queue_type="quorum")  # the embedded Redis
+
+
+@pytest.mark.parametrize(
+    ("conf", "named"),
+    [
+        ({"task_queue_max_priority": 9}, "task_queue_max_priority"),
+        ({"worker_detect_quorum_queues": False}, "worker_detect_quorum_queues"),
+    ],
+)
+def test_a_setting_quorum_queues_cannot_take_is_refused_by_name(
+    conf: dict[str, object], named: str
+) -> None:
+    quorum = Settings(broker_url=AMQP, redis_url="redis://127.0.0.1:1/1", queue_type="quorum")
+    app = Celery("team", broker=AMQP)
+    app.conf.update(conf)
+    with pytest.raises(GuaranteeError, match=named):
+        init_app(app, quorum)
+    init_app(app_with(**conf), SETTINGS)  # classic queues take them
+
+
+def test_a_teams_queues_keep_their_type_and_the_control_queue_takes_the_fleets() -> None:
+    app = Celery("team", broker=AMQP)
+    app.conf.task_queues = [Queue("shop")]
+    app.conf.task_default_queue = "shop"
+    app.conf.task_default_exchange_type = "direct"
+    quorum = Settings(broker_url=AMQP, redis_url="redis://127.0.0.1:1/1", queue_type="quorum")
+    init_app(app, quorum)
+    assert app.amqp.queues["shop"].queue_arguments is None
+    assert app.amqp.queues["shop.control"].queue_arguments == {"x-queue-type": "quorum"}
+    assert app.conf.task_default_exchange_type == "direct"
+
+
+def test_a_delayed_routing_key_names_its_queue() -> None:
+    """Native delayed delivery puts the countdown before the routing key; the
+    claim records the queue without it."""
+    assert queue_of(calculate_routing_key(37, "fleet.control")) == "fleet.control"
+    assert queue_of(calculate_routing_key(1, "fleet")) == "fleet"
+    assert queue_of("fleet") == "fleet"
+    assert queue_of("0.1.fleet") == "0.1.fleet"  # not a countdown prefix
+    assert queue_of(None) is None
+
+
+def test_a_control_queue_is_its_own_control_queue() -> None:
+    """A key republished to the control queue and orphaned again is republished
+    there again, not to a queue nobody consumes."""
+    assert control_queue("fleet") == "fleet.control"
+    assert control_queue(control_queue("fleet")) == "fleet.control"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -16,6 +18,7 @@ from fleetworks import timing
 from fleetworks.reaper import control_queue
 from fleetworks.settings import Settings
 from tests.cli_parse import parse
+from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S_DIR = ROOT / "deploy" / "k8s"
@@ -31,6 +34,8 @@ RELAY = "fleetworks-relay"
 CONTROLLERS = "fleetworks-controllers"
 FLOWER = "fleetworks-flower"
 METRICS = "fleetworks-metrics"
+ETCD = "etcd"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
 IMAGE = "fleetworks:latest"
 
 #: Kinds without a namespace of their own.
@@ -217,8 +222,9 @@ def test_deployment_selectors_match_template_labels(resources: list[dict[str, An
 
 
 def test_services_select_deployments_and_ports(resources: list[dict[str, Any]]) -> None:
-    """Each Service selects some Deployment's pods and targets one of their container ports."""
-    deployments = [r for r in resources if r["kind"] == "Deployment"]
+    """Each Service selects some Deployment's or StatefulSet's pods and targets one
+    of their container ports."""
+    deployments = [r for r in resources if r["kind"] in ("Deployment", "StatefulSet")]
     for service in (r for r in resources if r["kind"] == "Service"):
         name = service["metadata"]["name"]
         selector = service["spec"]["selector"]
@@ -308,6 +314,76 @@ def test_controllers_run_twice(resources: list[dict[str, Any]]) -> None:
     controllers = _find(resources, "Deployment", CONTROLLERS)
     assert controllers["spec"]["replicas"] >= 2
     assert _argv(_containers(controllers)[0])[-1] == "controllers"
+
+
+def _etcd_members(resources: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """The etcd StatefulSet and its one container's argv."""
+    etcd = _find(resources, "StatefulSet", ETCD)
+    (container,) = _pod_spec(etcd)["containers"]
+    return etcd, _argv(container)
+
+
+def test_controllers_elect_on_the_etcd_cluster(resources: list[dict[str, Any]]) -> None:
+    """The Secret's FLEET_LEADERSHIP_URL names the etcd Service's client port,
+    which selects the StatefulSet's members."""
+    url = _find(resources, "Secret", SECRET)["stringData"]["FLEET_LEADERSHIP_URL"]
+    parts = urlsplit(url)
+    assert parts.scheme == "etcd" and parts.hostname == ETCD, url
+    service = _find(resources, "Service", ETCD)
+    assert parts.port in [p["port"] for p in service["spec"]["ports"]], url
+    etcd, _ = _etcd_members(resources)
+    labels = etcd["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    # The settings accept it.
+    assert Settings(leadership_url=url).leadership_url == url
+
+
+def test_etcd_members_form_one_cluster(resources: list[dict[str, Any]]) -> None:
+    """An odd number of members (3 or more: a majority survives one), started
+    together, each named by its pod and listed in ``--initial-cluster`` at its
+    stable address behind the headless peer Service, with its data on a volume
+    claim; the image pinned to the Compose file's."""
+    etcd, argv = _etcd_members(resources)
+    spec = etcd["spec"]
+    replicas = int(spec["replicas"])
+    assert replicas >= 3 and replicas % 2 == 1, replicas
+    # OrderedReady would wait for etcd-0 to be ready, which needs a majority.
+    assert spec["podManagementPolicy"] == "Parallel"
+    peers = _find(resources, "Service", spec["serviceName"])["spec"]
+    assert peers["clusterIP"] == "None" and peers["publishNotReadyAddresses"] is True
+    domain = f"{spec['serviceName']}.{NAMESPACE}.svc"
+    members = dict(
+        entry.split("=", 1) for entry in (_option(argv, "--initial-cluster") or "").split(",")
+    )
+    expected = {f"{ETCD}-{i}": f"http://{ETCD}-{i}.{domain}:2380" for i in range(replicas)}
+    assert members == expected
+    assert _option(argv, "--name") == "$(POD_NAME)"
+    assert _option(argv, "--initial-advertise-peer-urls") == f"http://$(POD_NAME).{domain}:2380"
+    (container,) = _pod_spec(etcd)["containers"]
+    env = {e["name"]: e for e in container.get("env", [])}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    data_dir = _option(argv, "--data-dir") or ""
+    claims = {c["metadata"]["name"] for c in spec["volumeClaimTemplates"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert any(data_dir.startswith(path + "/") and mounts[path] in claims for path in mounts)
+    compose = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    assert container["image"] == compose["services"]["etcd"]["image"]
+
+
+def test_etcd_flags_known_to_etcd(resources: list[dict[str, Any]]) -> None:
+    """Every flag the members start with is one the ``etcd`` binary documents."""
+    binary = shutil.which("etcd")
+    require(binary is not None, "etcd not installed (Debian: etcd-server)")
+    assert binary is not None
+    usage = subprocess.run(
+        [binary, "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    documented = set(re.findall(r"(--[a-z][a-z0-9-]*)", usage.stdout + usage.stderr))
+    _, argv = _etcd_members(resources)
+    flags = [word.split("=", 1)[0] for word in argv[1:]]
+    assert argv[0] == "etcd"
+    unknown = sorted(set(flags) - documented)
+    assert not unknown, f"flags etcd --help does not list: {unknown}"
 
 
 def test_scaled_object_targets_worker(resources: list[dict[str, Any]]) -> None:

@@ -17,7 +17,22 @@ not what a constraint allowed. That ledger is counted on its own, apart
 from the outcome rows, and must hold one row per ``succeeded`` outcome.
 
 ``max_recovery_s`` is, over all faults, the longest time from a fault to the
-moment every key that was in flight when it hit had its final outcome.
+moment every key that was in flight when it hit had its final outcome,
+counted from when the fault ends (a database pause, a Redis restart, the
+last round of client kills), or, where a holder goes on believing it holds
+its key (``stop-cont``, ``partition``), from when its lease expired.
+
+Beat also sends a probe tick every second (:mod:`fleetworks.proving.slots`),
+keyed by its slot: the report counts the slots that ran, ran twice (must be
+none) and were missed. With ``partition`` or ``beat-partition`` among the
+faults, every worker and beat runs on a test host of its own and there are
+two beats (:mod:`fleetworks.proving.partition`).
+
+On RabbitMQ (``fleetworks chaos --broker amqp://...``) the rig's workers,
+beat and relay and the run's publisher use a vhost the run creates and
+deletes (:mod:`fleetworks.proving.rabbitmq`), with classic or quorum queues;
+Redis (the embedded one, or ``FLEET_REDIS_URL``) holds the leases only, and
+the faults are those of :data:`fleetworks.proving.faults.RABBITMQ_KINDS`.
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import redis as redis_client
 from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
@@ -42,17 +58,61 @@ from fleetworks.enqueue import enqueue_many
 from fleetworks.models import GUARD_EVENTS, OUTCOMES, PROBE_EFFECT_LOG, TERMINAL, EventKind
 from fleetworks.procs import Child, celery_argv, fleet_env, stop_all, wait_workers, worker_args
 from fleetworks.proving import faults as f
-from fleetworks.proving import probe
+from fleetworks.proving import probe, slots
+from fleetworks.proving.partition import LONG_WORK_MS, HostFaults, annotate
+from fleetworks.proving.partition import render as render_hosts
 from fleetworks.services import echo
 from fleetworks.settings import Settings
 
 AGENT = "probe.run"
+#: The app the rig's beats run: the fleet's own plus the probe tick.
+CHAOS_APP = "fleetworks.proving.chaos_app"
 #: Seconds a killed worker stays down before the rig's supervisor restarts it.
 RESTART_DELAY_S = 1.0
 #: Seconds one wave may take to settle before the next fault is injected anyway.
 WAVE_TIMEOUT_S = 120.0
 #: Seconds given to a paused holder, after its SIGCONT, to attempt its late write.
 RESUME_GRACE_S = 3.0
+
+
+class Stopped(BaseException):
+    """A stop signal reached the run, which stopped at its next wait (a
+    BaseException, like KeyboardInterrupt, so no broad ``except`` takes it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@dataclass
+class StopFlag:
+    """SIGINT and SIGTERM, deferred to the run's own waits.
+
+    An exception raised from a signal handler lands wherever the main thread
+    is, possibly inside py-amqp reading a frame: the frame half read, the
+    connection's close then waits forever for a reply it cannot parse, and
+    the run never stops its rig nor deletes its vhost. Here the handler only
+    notes the signal; the run raises :class:`Stopped` between steps.
+    """
+
+    signum: int = 0
+
+    def handle(self, signum: int, _frame: Any = None) -> None:
+        self.signum = signum
+
+    def check(self) -> None:
+        if self.signum:
+            raise Stopped(self.signum)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, or until a stop signal (then raise :class:`Stopped`)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self.check()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.05))
 
 
 @dataclass
@@ -64,6 +124,10 @@ class Rig:
     relay: Child | None = None
     restarts: int = 0
     relay_restarts: int = 0
+    #: Beats to run (two for beat-partition) and, for faults across hosts,
+    #: the test hosts every worker and beat runs on.
+    beats: int = 1
+    hosts: HostFaults | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self, count: int = 2) -> None:
@@ -75,15 +139,23 @@ class Rig:
         for i in range(count):
             name = f"chaos{i}"
             argv = celery_argv(self.settings.app, "worker", *worker_args(self.settings, name))
-            self.workers.append(Child(name, argv, env, logs / f"{name}.log").start())
-        schedule = str((self.settings.home / "chaos-beat-schedule").resolve())
-        beat = celery_argv(
-            self.settings.app, "beat", "-s", schedule, "--pidfile=", "--loglevel", "INFO"
-        )
-        self.others.append(Child("chaos-beat", beat, env, logs / "chaos-beat.log").start())
+            self.workers.append(self._spawn(name, argv, env))
+        for i in range(self.beats):
+            name = "chaos-beat" + (str(i) if i else "")
+            schedule = str((self.settings.home / f"{name}-schedule").resolve())
+            beat = celery_argv(
+                CHAOS_APP, "beat", "-s", schedule, "--pidfile=", "--loglevel", "INFO"
+            )
+            self.others.append(self._spawn(name, beat, env))
         relay = [sys.executable, "-m", "fleetworks", "-A", self.settings.app, "relay"]
         self.relay = Child("chaos-relay", relay, env, logs / "chaos-relay.log").start()
         threading.Thread(target=self._supervise, daemon=True).start()
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
+        """Start a child, on its own test host when the rig has them."""
+        if self.hosts is not None:
+            argv, env = self.hosts.place(name, argv, env)
+        return Child(name, argv, env, self.settings.home / "logs" / f"{name}.log").start()
 
     def _supervise(self) -> None:
         while not self._stop.wait(0.2):
@@ -101,10 +173,17 @@ class Rig:
         child.start()
         return True
 
+    def stop_beats(self) -> None:
+        stop_all(self.others, grace_s=10)
+
     def stop(self) -> None:
         self._stop.set()
         relay = [self.relay] if self.relay is not None else []
-        stop_all([*self.workers, *self.others, *relay], grace_s=15)
+        try:
+            stop_all([*self.workers, *self.others, *relay], grace_s=15)
+        finally:
+            if self.hosts is not None:
+                self.hosts.close()
 
 
 @dataclass
@@ -129,6 +208,12 @@ class ChaosReport:
     relay_restarts: int
     ok: bool
     fault_log: list[dict[str, Any]]
+    #: The beat-scheduled probe: slots run, run twice, missed; late ticks skipped.
+    slots: dict[str, int] = field(default_factory=dict)
+    #: ``redis`` or ``rabbitmq``; on RabbitMQ, the queue type and the run's vhost.
+    broker: str = "redis"
+    queue_type: str | None = None
+    vhost: str | None = None
 
 
 def _keys_where(run: str) -> Any:
@@ -164,20 +249,46 @@ def _settled(url: str, run: str) -> dict[str, Any]:
     return {r.idempotency_key: r.finished_at for r in rows}
 
 
-def _wait_for_work(url: str, run: str, timeout_s: float = 15) -> list[tuple[str, int]]:
+def _wait_for_work(
+    url: str, run: str, stop: StopFlag, timeout_s: float = 15, long_ms: int = 0
+) -> list[tuple[str, int]]:
+    """What is in flight once anything is (with ``long_ms``, once a task of
+    that much work is, if one comes within ``timeout_s``)."""
     deadline = time.monotonic() + timeout_s
+    busy: list[tuple[str, int]] = []
     while time.monotonic() < deadline:
-        busy = _in_flight(url, run)
-        if busy:
+        busy = _in_flight(url, run) or busy
+        if busy and (not long_ms or _work_of(url, busy[0][0]) >= long_ms):
             return busy
-        time.sleep(0.05)
-    return []
+        stop.sleep(0.05)
+    return busy
 
 
-def plan(kinds: list[str], per_kind: int, rng: random.Random) -> list[str]:
-    unknown = set(kinds) - set(f.KINDS)
+def _work_of(url: str, key: str) -> int:
+    try:
+        with transaction(url) as conn:
+            payload = conn.execute(
+                select(OUTCOMES.c.payload).where(OUTCOMES.c.idempotency_key == key)
+            ).scalar()
+    except DBAPIError:
+        return 0
+    return int((payload or {}).get("work_ms", 0))
+
+
+def plan(
+    kinds: list[str], per_kind: int, rng: random.Random, *, rabbitmq: bool = False
+) -> list[str]:
+    unknown = set(kinds) - set(f.ALL_KINDS)
     if unknown:
-        raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(f.KINDS)}")
+        raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(f.ALL_KINDS)}")
+    elsewhere = [k for k in kinds if k not in f.RABBITMQ_KINDS]
+    if rabbitmq and elsewhere:
+        raise ValueError(
+            f"{', '.join(elsewhere)} not applicable on RabbitMQ: it takes "
+            f"{', '.join(f.RABBITMQ_KINDS)} (redis-restart restarts a Redis broker; db-pause, "
+            "stop-cont and relay-kill fault the database, a paused holder and the relay, "
+            "which do not involve the broker; partitions need the Redis rig: run them on Redis)"
+        )
     faults = [k for k in kinds for _ in range(per_kind)]
     rng.shuffle(faults)
     return faults
@@ -194,46 +305,52 @@ def run_chaos(
     seed: int,
     db_pause_s: float,
     timeout_s: float,
+    vhost: str | None = None,
+    stop: StopFlag | None = None,
 ) -> ChaosReport:
+    """A chaos run on ``app``; ``redis`` is the embedded Redis the run owns
+    (its broker, or on RabbitMQ its lock store), ``vhost`` the run's own
+    RabbitMQ vhost; ``stop`` (set by a signal handler) ends it at its next
+    wait, the rig stopped, with :class:`Stopped`."""
+    stop = stop or StopFlag()
     rng = random.Random(seed)
-    schedule = plan(kinds, per_kind, rng)
+    schedule = plan(kinds, per_kind, rng, rabbitmq=settings.amqp)
     run = f"chaos{uuid.uuid4().hex[:8]}"
     url = settings.database
-    rig = Rig(settings, redis)
-    rig.start()
-    injector = f.Injector(rig.workers, redis, url, rng, db_pause_s=db_pause_s, queue=settings.queue,
-                          relay=rig.relay)  # fmt: skip
+    app_name = app.main or "fleet"
+    across_hosts = bool(set(kinds) & set(f.HOST_KINDS))
+    hosts = HostFaults(settings, app_name) if across_hosts else None
+    rig = Rig(settings, redis, beats=2 if "beat-partition" in kinds else 1, hosts=hosts)
+    locks = redis_client.Redis.from_url(settings.redis)
+    since = f.now()
     done: list[f.Fault] = []
+    ticks = slots.Slots()
     started = time.monotonic()
     try:
-        wait_workers(app, [f"{w.name}@{_host()}" for w in rig.workers], timeout_s=60)
-        payloads = [
-            {"id": f"{run}-{i}", "work_ms": _work_ms(rng), "unique": False, "emit": True}
-            for i in range(tasks)
-        ]
-        waves = [payloads[i :: len(schedule) + 1] for i in range(len(schedule) + 1)]
-        published = 0
-        for kind, wave in zip([*schedule, None], waves, strict=True):
-            # One wave at a time: publish it, hit it with a fault while it runs,
-            # and let everything published so far settle before the next one,
-            # so a recovery time measures recovery, not a queue behind it.
-            _publish_retrying(app, wave)
-            published += len(wave)
-            if kind is not None:
-                busy = _wait_for_work(url, run)
-                fault = f.Fault(kind, f.now(), "", in_flight=[k for k, _ in busy])
-                fault.detail = injector.inject(kind, [pid for _, pid in busy])
-                echo(f"chaos {run}: {kind}: {fault.detail}")
-                done.append(fault)
-            _wait_settled(url, run, published, time.monotonic() + WAVE_TIMEOUT_S)
-        settled = _wait_settled(url, run, tasks, started + timeout_s)
-        _wait_handled(url, run, started + timeout_s)
-        injector.wait()
+        stop.check()
+        slots.reset(locks, app_name)
+        rig.start()
+        injector = f.Injector(
+            rig.workers, None if settings.amqp else redis, url, rng, db_pause_s=db_pause_s,
+            queue=settings.queue, relay=rig.relay, broker_url=settings.broker,
+            broker_tls=settings.redis_tls(settings.broker), vhost=vhost,
+            locks_url=settings.redis, beats=rig.others, hosts=hosts,
+        )  # fmt: skip
+        _wait_workers(app, rig, stop)
+        waves = _payloads(run, tasks, schedule, rng)
+        done = _waves(app, url, run, schedule=schedule, waves=waves, injector=injector, stop=stop)
+        settled = _wait_settled(url, run, tasks, started + timeout_s, stop)
+        _wait_handled(url, run, started + timeout_s, stop)
+        while injector.busy():
+            stop.sleep(0.2)
         # A resumed paused holder writes (and is refused) right after SIGCONT.
-        time.sleep(RESUME_GRACE_S)
+        stop.sleep(RESUME_GRACE_S)
+        rig.stop_beats()
+        ticks = slots.settle(url, locks, app_name, since)
     finally:
         rig.stop()
-    return _report(
+        locks.close()
+    report = _report(
         url,
         run,
         tasks=tasks,
@@ -242,7 +359,58 @@ def run_chaos(
         restarts=rig.restarts,
         relay_restarts=rig.relay_restarts,
         wall_s=time.monotonic() - started,
+        ticks=ticks,
     )
+    if settings.amqp:
+        report.broker, report.queue_type, report.vhost = "rabbitmq", settings.queue_type, vhost
+    return report
+
+
+def _payloads(
+    run: str, tasks: int, schedule: list[str], rng: random.Random
+) -> list[list[dict[str, Any]]]:
+    """The run's probe tasks in one wave per fault, plus a last one; the wave a
+    partition hits carries a task long enough to outlive the cut."""
+    payloads = [
+        {"id": f"{run}-{i}", "work_ms": _work_ms(rng), "unique": False, "emit": True}
+        for i in range(tasks)
+    ]
+    waves = [payloads[i :: len(schedule) + 1] for i in range(len(schedule) + 1)]
+    for aimed, first in zip(schedule, waves, strict=False):
+        if aimed == "partition" and first:
+            # A holder still running after the takeover; the run that takes
+            # over ends when it would have.
+            first[0].update(work_ms=LONG_WORK_MS, shared_start=True)
+    return waves
+
+
+def _waves(
+    app: Celery,
+    url: str,
+    run: str,
+    *,
+    schedule: list[str],
+    waves: list[list[dict[str, Any]]],
+    injector: f.Injector,
+    stop: StopFlag,
+) -> list[f.Fault]:
+    """One wave at a time: publish it, hit it with a fault while it runs, and
+    let everything published so far settle before the next one, so a recovery
+    time measures recovery, not a queue behind it."""
+    done: list[f.Fault] = []
+    published = 0
+    for kind, wave in zip([*schedule, None], waves, strict=True):
+        _publish_retrying(app, wave, stop)
+        published += len(wave)
+        if kind is not None:
+            long_ms = LONG_WORK_MS if kind == "partition" else 0
+            busy = _wait_for_work(url, run, stop, long_ms=long_ms)
+            fault = f.Fault(kind, f.now(), "", in_flight=[k for k, _ in busy])
+            fault.detail = injector.inject(kind, [pid for _, pid in busy], fault)
+            echo(f"chaos {run}: {kind}: {fault.detail}")
+            done.append(fault)
+        _wait_settled(url, run, published, time.monotonic() + WAVE_TIMEOUT_S, stop)
+    return done
 
 
 def _work_ms(rng: random.Random) -> int:
@@ -256,28 +424,48 @@ def _host() -> str:
     return socket.gethostname()
 
 
-def _publish_retrying(app: Any, wave: list[dict[str, Any]], timeout_s: float = 30) -> None:
+def _wait_workers(app: Any, rig: Rig, stop: StopFlag, timeout_s: float = 60) -> None:
+    """Until every worker of the rig answers a ping (one short ping at a time,
+    so a stop signal is seen between two)."""
+    names = [f"{w.name}@{_host()}" for w in rig.workers]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stop.check()
+        try:
+            wait_workers(app, names, timeout_s=1)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+
+
+def _publish_retrying(
+    app: Any, wave: list[dict[str, Any]], stop: StopFlag, timeout_s: float = 30
+) -> None:
     """Publish a wave; while the broker restarts, try again (the caller's side of
     'no task lost' is to retry its publish until the broker takes it)."""
     deadline = time.monotonic() + timeout_s
     while True:
+        stop.check()
         try:
             enqueue_many(app, AGENT, wave)
             return
         except Exception:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.5)
+            stop.sleep(0.5)
 
 
-def _wait_settled(url: str, run: str, tasks: int, deadline: float) -> dict[str, Any]:
+def _wait_settled(
+    url: str, run: str, tasks: int, deadline: float, stop: StopFlag
+) -> dict[str, Any]:
     settled: dict[str, Any] = {}
     while time.monotonic() < deadline:
         settled = _settled(url, run) or settled
         progress.update("chaos: keys settled", len(settled), tasks)
         if len(settled) >= tasks:
             break
-        time.sleep(0.5)
+        stop.sleep(0.5)
     return settled
 
 
@@ -309,7 +497,7 @@ def _subscribers(url: str, run: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def _wait_handled(url: str, run: str, deadline: float) -> None:
+def _wait_handled(url: str, run: str, deadline: float, stop: StopFlag) -> None:
     """Until every subscriber has handled every succeeded key, or the deadline."""
     while time.monotonic() < deadline:
         try:
@@ -317,7 +505,7 @@ def _wait_handled(url: str, run: str, deadline: float) -> None:
                 return
         except DBAPIError:
             pass
-        time.sleep(0.5)
+        stop.sleep(0.5)
 
 
 def _count(url: str, query: Any) -> int:
@@ -340,6 +528,7 @@ def _report(
     restarts: int,
     wall_s: float,
     relay_restarts: int = 0,
+    ticks: slots.Slots | None = None,
 ) -> ChaosReport:
     like = f"probe:{run}-%"
     e = GUARD_EVENTS.c
@@ -356,11 +545,17 @@ def _report(
         url, select(func.count(func.distinct(PROBE_EFFECT_LOG.c.effect_key))).where(mine)
     )
     duplicated = events(EventKind.DUPLICATE_EFFECT) + (effect_rows - distinct_effects)
+    ticks = ticks or slots.Slots()
+    ended = {**ticks.finished, **settled}
     for fault in faults:
-        finished = [settled[k] for k in fault.in_flight if k in settled]
+        # A beat partition ends when the new leader has sent the slots due
+        # while nobody led; every other fault when its keys have settled.
+        seen = ticks.sent if fault.kind == "beat-partition" else ended
+        finished = [seen[k] for k in fault.in_flight if k in seen]
         if finished and len(finished) == len(fault.in_flight):
             last = max(_utc(t) for t in finished)
-            fault.recovery_s = round((last - fault.at).total_seconds(), 2)
+            fault.recovery_s = round((last - (fault.recover_from or fault.at)).total_seconds(), 2)
+        annotate(url, fault)
     recovery: dict[str, float] = {}
     for fault in faults:
         if fault.recovery_s is not None:
@@ -387,8 +582,14 @@ def _report(
         database=make_backend(url),
         subscribers=subscribers,
         relay_restarts=relay_restarts,
-        ok=lost == 0 and duplicated == 0 and effect_rows == succeeded and events_ok,
+        ok=lost == 0
+        and duplicated == 0
+        and effect_rows == succeeded
+        and events_ok
+        and ticks.run_twice == 0
+        and ticks.missed == 0,
         fault_log=[_fault_entry(x) for x in faults],
+        slots=ticks.as_report(),
     )
 
 
@@ -398,6 +599,7 @@ def _fault_entry(fault: f.Fault) -> dict[str, Any]:
         "detail": fault.detail,
         "in_flight": len(fault.in_flight),
         "recovery_s": fault.recovery_s,
+        **fault.extra,
     }
 
 
@@ -417,11 +619,18 @@ def make_backend(url: str) -> str:
     return make_url(url).get_backend_name()
 
 
+def _broker_line(report: ChaosReport) -> str:
+    if report.broker == "rabbitmq":
+        return f"RabbitMQ {report.queue_type} queues on vhost {report.vhost}"
+    return "Redis broker"
+
+
 def render(report: ChaosReport) -> str:
     faults = ", ".join(f"{k} x{n}" for k, n in report.faults.items())
     return "\n".join(
         [
-            f"fleetworks chaos: {'OK' if report.ok else 'NOT OK'} ({report.database})",
+            f"fleetworks chaos: {'OK' if report.ok else 'NOT OK'} ({report.database}, "
+            f"{_broker_line(report)})",
             f"  tasks     {report.tasks}, settled {report.tasks_settled}, lost {report.tasks_lost}"
             f", dead {report.dead}, in {report.wall_s} s",
             f"  faults    {faults}; workers restarted {report.worker_restarts}",
@@ -435,5 +644,8 @@ def render(report: ChaosReport) -> str:
             + f"; relay restarted {report.relay_restarts}",
             f"  recovery  max {report.max_recovery_s} s; by kind {report.recovery_s}; "
             f"republished by the reaper {report.republished}",
+            "  slots     "
+            + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report.slots.items()),
+            *render_hosts(report.fault_log),
         ]
     )

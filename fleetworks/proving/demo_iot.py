@@ -17,7 +17,10 @@ killed or stopped). From the durable record (``device_commands``, every
 attempt with its term and whether the device took it) it counts commands
 accepted, refused as stale, and accepted from a deposed leader: a command
 taken with a term lower than one its region had already taken before it.
-That last number must be 0.
+That last number must be 0. It also checks every device against the record:
+a device must hold the setpoint and term of the last command it accepted
+(its seeded setpoint and term 0 if it accepted none); a device that does not
+counts as a command lost (``commands_lost``, must be 0).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from fleetworks import progress
-from fleetworks.db import transaction
+from fleetworks.db import reading
 from fleetworks.leadership import Backend, LeadershipError, backend_for
 from fleetworks.procs import Child
 from fleetworks.services import FleetProcesses, echo
@@ -67,13 +70,16 @@ class LeadersReport:
     commands_accepted: int = 0
     commands_refused_stale: int = 0
     accepted_from_deposed_leader: int = 0
+    #: Devices whose setpoint and term are not those of the last command they
+    #: accepted: an accepted command whose effect is missing or overwritten.
+    commands_lost: int = 0
     late_commands_sent: int = 0
     late_commands_refused: int = 0
     no_leader_s: dict[str, float] = field(default_factory=dict)
     terms: dict[str, list[int]] = field(default_factory=dict)
     wall_s: float = 0.0
-    #: The processes' view only; ``tasks_lost``/``effects_duplicated`` keep the
-    #: demo's totals uniform (a command is recorded in the transaction that applies it).
+    #: The demo's totals: ``tasks_lost`` is ``commands_lost``; a command is
+    #: applied and recorded in one transaction, so none is applied twice.
     tasks_lost: int = 0
     effects_duplicated: int = 0
     ok: bool = False
@@ -144,7 +150,7 @@ class Watch:
 def _watermark(url: str) -> int:
     from tasks.schema import DEVICE_COMMANDS
 
-    with transaction(url) as conn:
+    with reading(url) as conn:
         return int(conn.execute(select(func.max(DEVICE_COMMANDS.c.id))).scalar() or 0)
 
 
@@ -153,7 +159,7 @@ def count_commands(url: str, since_id: int) -> tuple[int, int, int]:
     from tasks.schema import DEVICE_COMMANDS
 
     d = DEVICE_COMMANDS.c
-    with transaction(url) as conn:
+    with reading(url) as conn:
         rows = conn.execute(
             select(d.region, d.term, d.accepted).where(d.id > since_id).order_by(d.id)
         ).all()
@@ -170,6 +176,35 @@ def count_commands(url: str, since_id: int) -> tuple[int, int, int]:
     return accepted, refused, deposed
 
 
+def lost_commands(url: str, since_id: int) -> int:
+    """Devices that do not hold the setpoint and term of the last command they
+    accepted after ``since_id`` (or, with none, still hold the seeded target
+    and term 0)."""
+    from agents.iot import TARGET
+    from tasks.schema import DEVICE_COMMANDS, DEVICES
+
+    d, c = DEVICES.c, DEVICE_COMMANDS.c
+    with reading(url) as conn:
+        held = {
+            str(r[0]): (float(r[1]), int(r[2]))
+            for r in conn.execute(select(d.device_id, d.setpoint, d.last_term))
+        }
+        last: dict[str, tuple[float, int]] = {}
+        for device_id, setpoint, term in conn.execute(
+            select(c.device_id, c.setpoint, c.term)
+            .where(c.id > since_id, c.accepted.is_(True))
+            .order_by(c.id)
+        ):
+            last[str(device_id)] = (float(setpoint), int(term))
+    lost = 0
+    for device_id, (setpoint, term) in held.items():
+        want_setpoint, want_term = last.get(device_id, (TARGET, 0))
+        if abs(setpoint - want_setpoint) > 1e-9 or term != want_term:
+            lost += 1
+    # An accepted command to a device the fleet does not have is lost too.
+    return lost + len(set(last) - set(held))
+
+
 def late_commands(
     url: str, since_id: int, sender_pid: int, held: dict[str, int]
 ) -> tuple[int, int]:
@@ -179,7 +214,7 @@ def late_commands(
     from tasks.schema import DEVICE_COMMANDS
 
     d = DEVICE_COMMANDS.c
-    with transaction(url) as conn:
+    with reading(url) as conn:
         rows = conn.execute(
             select(d.sender, d.region, d.term, d.accepted).where(d.id > since_id)
         ).all()
@@ -270,6 +305,7 @@ def run_iot(
     report.commands_accepted = accepted
     report.commands_refused_stale = refused
     report.accepted_from_deposed_leader = deposed
+    report.commands_lost = report.tasks_lost = lost_commands(url, since)
     report.wall_s = round(time.monotonic() - started, 1)
     return summarize(report)
 
@@ -282,6 +318,7 @@ def summarize(report: LeadersReport) -> LeadersReport:
     report.ok = (
         every
         and report.accepted_from_deposed_leader == 0
+        and report.commands_lost == 0
         and report.late_commands_sent == report.late_commands_refused
         and report.commands_accepted > 0
         and (report.backend != "redis" or (report.failover_max_s or 0) < MAX_FAILOVER_S)
@@ -301,7 +338,8 @@ def render(report: LeadersReport) -> str:
             f"{report.failover_p50_s} s)",
             f"  commands   {report.commands_accepted} accepted, "
             f"{report.commands_refused_stale} refused as stale, "
-            f"{report.accepted_from_deposed_leader} accepted from a deposed leader",
+            f"{report.accepted_from_deposed_leader} accepted from a deposed leader, "
+            f"{report.commands_lost} lost",
             f"  late       {report.late_commands_sent} sent after SIGCONT with the old term, "
             f"{report.late_commands_refused} refused",
             f"  no leader  {report.no_leader_s}",

@@ -58,6 +58,10 @@ class Probe(BaseModel):
     id: str = Field(min_length=1, max_length=200)
     #: Milliseconds of simulated work before the effect.
     work_ms: int = Field(default=0, ge=0, le=600_000)
+    #: Count ``work_ms`` from the first start of any run of this probe (a time
+    #: kept in Redis), not from this run's: a job bounded by a deadline, which a
+    #: run taking over from a cut-off holder does not start afresh.
+    shared_start: bool = False
     #: Write the ledger row (False: a no-op task, for benchmarks).
     effect: bool = True
     #: Write it to ``probe_effects`` (UNIQUE key) or, when False, to
@@ -88,13 +92,17 @@ def run(
     attempt: int = 1,
     sleep: Callable[[float], None] = time.sleep,
     crash: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGKILL),
+    until: float | None = None,
 ) -> dict[str, str]:
     if probe.crash:
         crash()
     if attempt <= probe.fail_attempts:
         raise ProbeFailure(f"probe {probe.id}: failing attempt {attempt} of {probe.fail_attempts}")
     if probe.work_ms:
-        sleep(probe.work_ms / 1000)
+        seconds = probe.work_ms / 1000
+        if until is not None:
+            seconds = max(0.0, min(seconds, until - time.time()))
+        sleep(seconds)
     if probe.effect:
         sink.record(probe.id, fencing_token, unique=probe.unique)
     return {"id": probe.id}
@@ -126,9 +134,25 @@ SPEC = AgentSpec(
 )
 
 
+#: ``fleet:probe:start:<id>``: the first start of a probe with ``shared_start``.
+START_KEY = "fleet:probe:start:"
+
+
+def first_start(client: Any, probe_id: str, at: float | None = None) -> float:
+    """When the first run of ``probe_id`` started (set now, or at ``at``, if none did)."""
+    key = START_KEY + probe_id
+    client.set(key, time.time() if at is None else at, nx=True, ex=3600)
+    return float(client.get(key))
+
+
 @shared_agent(SPEC)
 def run_probe(ctx: RunContext, payload: Probe) -> dict[str, str]:
-    result = run(payload, SqlProbeSink(ctx), ctx.fencing_token, attempt=ctx.attempts)
+    until = None
+    if payload.shared_start and payload.work_ms and ctx.app is not None:
+        from fleetworks.app import fleet_of
+
+        until = first_start(fleet_of(ctx.app).locks.client, payload.id) + payload.work_ms / 1000
+    result = run(payload, SqlProbeSink(ctx), ctx.fencing_token, attempt=ctx.attempts, until=until)
     if payload.emit:
         ctx.emit(DONE_TOPIC, {"id": payload.id})
     return result
