@@ -260,6 +260,8 @@ class GroupLoop:
         )
         self.leaderless_since: float | None = None
         self.cycles = 0
+        self._next_hold = 0.0
+        self._next_cycle = 0.0
 
     def _wants(self, now: float) -> bool:
         """Campaign below the fair share, or for a group seen leaderless twice
@@ -280,35 +282,51 @@ class GroupLoop:
 
     def run(self, stop: threading.Event) -> None:
         """Until ``stop``: a leader renews every third of the lease and runs its
-        cycles in between; a replica that does not lead looks twice as often."""
+        cycles in between; a replica that does not lead looks twice as often.
+        A round that fails (the backend or the database unreachable) is logged
+        and the next one comes: the group's thread never ends before ``stop``."""
         renew_s = self.ttl_s / 3
-        next_hold = time.monotonic() + random.uniform(0, renew_s / 4)
-        next_cycle = 0.0
+        self._next_hold = time.monotonic() + random.uniform(0, renew_s / 4)
+        self._next_cycle = 0.0
         while not stop.is_set():
-            now = time.monotonic()
-            if now >= next_hold:
-                if self.election.lease is not None:
-                    next_hold = now + renew_s * random.uniform(0.9, 1.0)
-                    if self.share.should_shed(self.group):
-                        log.warning(
-                            "controller %s: %s leads more than its share, hands %s over",
-                            self.spec.name, self.identity, self.group,
-                        )  # fmt: skip
-                        self.election.resign()
-                    else:
-                        self.election.hold()
-                else:
-                    next_hold = now + renew_s / 2 * random.uniform(0.8, 1.0)
-                    if self._wants(now) and self.election.hold():
-                        self.leaderless_since = None
-                        next_hold = now + renew_s * random.uniform(0.9, 1.0)
-                        next_cycle = 0.0
-            if self.election.still_leading() and time.monotonic() >= next_cycle:
-                next_cycle = time.monotonic() + self.spec.every_s
-                self._cycle()
-            wake = min(next_hold, next_cycle if self.election.lease is not None else next_hold)
+            try:
+                self._round(renew_s)
+            except Exception:
+                log.exception(
+                    "controller %s: %s, round for %s failed; next in %.1f s",
+                    self.spec.name, self.identity, self.group, renew_s / 2,
+                )  # fmt: skip
+                self._next_hold = time.monotonic() + renew_s / 2
+            wake = min(
+                self._next_hold,
+                self._next_cycle if self.election.lease is not None else self._next_hold,
+            )
             stop.wait(max(0.01, min(wake - time.monotonic(), renew_s)))
         self.election.resign()
+
+    def _round(self, renew_s: float) -> None:
+        """Hold or campaign when due, then run the cycle when due and leading."""
+        now = time.monotonic()
+        if now >= self._next_hold:
+            if self.election.lease is not None:
+                self._next_hold = now + renew_s * random.uniform(0.9, 1.0)
+                if self.share.should_shed(self.group):
+                    log.warning(
+                        "controller %s: %s leads more than its share, hands %s over",
+                        self.spec.name, self.identity, self.group,
+                    )  # fmt: skip
+                    self.election.resign()
+                else:
+                    self.election.hold()
+            else:
+                self._next_hold = now + renew_s / 2 * random.uniform(0.8, 1.0)
+                if self._wants(now) and self.election.hold():
+                    self.leaderless_since = None
+                    self._next_hold = now + renew_s * random.uniform(0.9, 1.0)
+                    self._next_cycle = 0.0
+        if self.election.still_leading() and time.monotonic() >= self._next_cycle:
+            self._next_cycle = time.monotonic() + self.spec.every_s
+            self._cycle()
 
     def _cycle(self) -> None:
         ctx = ControllerContext(

@@ -64,7 +64,7 @@ from sqlalchemy import Connection, select
 
 from fleetworks import constants as c
 from fleetworks import stats
-from fleetworks.db import transaction, upsert
+from fleetworks.db import reading, transaction, upsert
 from fleetworks.locks import EntityLocks, Lease
 from fleetworks.models import LEADER_TERMS
 from fleetworks.redisconn import get_redis
@@ -471,6 +471,13 @@ class Election:
     def _campaign(self) -> bool:
         try:
             floor = self.floor() if self.floor is not None else 0
+        except Exception as exc:  # the resource is unreachable: no term without its floor
+            log.warning(
+                "election %s: %s cannot read the term floor, does not campaign (%s: %s)",
+                self.group, self.identity, type(exc).__name__, exc,
+            )  # fmt: skip
+            return False
+        try:
             sent = self._clock()
             term = self.backend.campaign(self.group, self.identity, self.ttl_s, floor=floor)
         except LeadershipError as exc:
@@ -543,8 +550,10 @@ class TermFence:
             return accept_in(conn, group, term)
 
     def highest(self, group: str) -> int:
-        """The highest term accepted for ``group`` (0 if none)."""
-        with transaction(self.database_url) as conn:
+        """The highest term accepted for ``group`` (0 if none). A read: on SQLite
+        it never waits for a writer, so a campaign is not held up by a deposed
+        leader stopped mid-transaction."""
+        with reading(self.database_url) as conn:
             return highest_in(conn, group)
 
     def floor_for(self, group: str) -> Callable[[], int]:

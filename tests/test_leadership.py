@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from functools import partial
@@ -41,7 +40,7 @@ from fleetworks.leadership import (
     accept_in,
     backend_from_url,
 )
-from tests.conftest import LOCKS_URL, require, wait_for
+from tests.conftest import LOCKS_URL, EtcdServer, require, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 TTL_S = 2.0
@@ -49,61 +48,6 @@ TTL_S = 2.0
 LOOP_S = TTL_S / 4
 #: Scheduling slack of a shared two-core machine, on top of lease + one renewal.
 SLACK_S = 1.0
-
-
-class EtcdServer:
-    """One ``etcd`` member on loopback ports of its own, data in ``data_dir``."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.client_port, self.peer_port = free_port(), free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"etcd://127.0.0.1:{self.client_port}"
-
-    def start(self) -> EtcdServer:
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        client = f"http://127.0.0.1:{self.client_port}"
-        argv = [
-            str(shutil.which("etcd")), "--name", "test", "--data-dir", str(self.data_dir),
-            "--listen-client-urls", client, "--advertise-client-urls", client,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"test={peer}",
-        ]  # fmt: skip
-        log = (self.data_dir.parent / f"{self.data_dir.name}.log").open("ab")
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        wait_for(self._healthy, 30, f"etcd on {client}")
-        return self
-
-    def _healthy(self) -> bool:
-        assert self.proc is not None and self.proc.poll() is None, "etcd exited"
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.client_port}/health", timeout=1
-            ) as reply:
-                return bool(json.loads(reply.read()).get("health") == "true")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            proc.wait(15)
-
-
-def _etcd_available() -> None:
-    require(shutil.which("etcd") is not None, "etcd not installed (Debian: etcd-server)")
-
-
-@pytest.fixture(scope="session")
-def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    _etcd_available()
-    server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data").start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["redis", "etcd"])
@@ -316,7 +260,7 @@ def test_terms_only_grow_across_leaders_and_a_restart_of_the_backend(
     group = new_group()
     server: EtcdServer | EmbeddedRedis
     if kind == "etcd":
-        _etcd_available()
+        require(shutil.which("etcd") is not None, "etcd not installed (Debian: etcd-server)")
         server = EtcdServer(tmp_path / "etcd").start()
         url = server.url
     else:
@@ -372,6 +316,55 @@ def test_etcd_refuses_to_campaign_below_the_resources_floor(etcd_server: EtcdSer
     election = Election(b, group, "x", TTL_S, floor=lambda: 10**12)
     assert not election.hold() and election.term == 0
     assert b.observe(group) is None
+
+
+def test_a_campaign_is_not_held_up_by_a_writer_stopped_mid_transaction(
+    leader_url: str, sqlite_url: str
+) -> None:
+    """A deposed leader SIGSTOPped inside a write transaction keeps SQLite's write
+    lock; reading the term floor must not wait for it, or no replica can take
+    over the group until the stopped one wakes."""
+    b = backend(leader_url)
+    fence = TermFence(sqlite_url)
+    group = new_group()
+    first = Election(b, group, "first", TTL_S, floor=fence.floor_for(group))
+    assert first.hold() and fence.accept(group, first.term)
+    seen = first.term
+    first.resign()
+    # Given a writer holding the write lock (as a stopped one would)
+    with transaction(sqlite_url) as held:
+        accept_in(held, new_group(), 1)
+        # When a replica campaigns with the resource's floor
+        election = Election(b, group, "taker", TTL_S, floor=fence.floor_for(group))
+        started = time.monotonic()
+        # Then it is elected at once, above the floor
+        assert election.hold()
+        assert time.monotonic() - started < 1.0
+        assert election.term > seen
+    election.resign()
+
+
+def test_a_floor_that_cannot_be_read_means_no_campaign_and_no_crash(
+    leader_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    b = backend(leader_url)
+    group = new_group()
+    reads: list[int] = []
+
+    def floor() -> int:
+        reads.append(1)
+        if len(reads) == 1:
+            raise OSError("results database unreachable")
+        return 0
+
+    election = Election(b, group, "me", TTL_S, floor=floor)
+    # Given a resource that cannot say its highest term: no campaign, no exception
+    assert not election.hold() and election.term == 0
+    assert b.observe(group) is None
+    assert "cannot read the term floor" in caplog.text
+    # and once it answers, the next round campaigns
+    assert election.hold() and election.term > 0
+    election.resign()
 
 
 class SlowRenewals:
