@@ -999,7 +999,7 @@ def bench_events(count: int, rounds: int, as_json: bool) -> None:
 @click.option("--rounds", type=_ROUNDS, default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench_fanout(tasks: int, rounds: int, as_json: bool) -> None:
-    """Publishing a fan-out: pipelined batches against one round trip per message."""
+    """Publishing a fan-out: enqueue_many against Celery's send_task, one by one and batched."""
     from fleetworks.proving.bench import run_fanout
     from fleetworks.services import broker
 
@@ -1010,8 +1010,10 @@ def bench_fanout(tasks: int, rounds: int, as_json: bool) -> None:
         _print_json(result)
     else:
         click.echo(
-            f"fan-out of {tasks}: one per message {result['one_per_message_per_s']}/s, "
-            f"pipelined {result['pipelined_per_s']}/s, ratio {result['ratio']}"
+            f"fan-out of {tasks}: send_task {result['send_task_per_s']}/s, send_task "
+            f"batched {result['send_task_batched_per_s']}/s, enqueue_many "
+            f"{result['enqueue_many_per_s']}/s; ratio {result['ratio']} "
+            f"({result['ratio_to_batched']} to batched)"
         )
 
 

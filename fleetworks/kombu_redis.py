@@ -38,6 +38,16 @@ the installed versions and fails loudly, naming what moved.
    dropped (:func:`guard_task_handler`). A message of a guarded task whose
    body is not ``[args, kwargs, embed]`` gets a body naming the problem
    before Celery unpacks it, so the guard records it as ``rejected``.
+7. What a Redis channel pushes for a task message published to the default
+   (nameless, direct) exchange: ``Channel.prepare_message`` and
+   ``basic_publish`` make a JSON object of the base64 body, content type and
+   encoding, headers and properties (with ``delivery_info``, ``body_encoding``
+   and a fresh ``delivery_tag``), and ``_put`` pushes it on the left of the
+   queue's list with ``LPUSH`` (:func:`raw_message`, :func:`broker_client`).
+   ``enqueue_many`` builds its messages so (:mod:`fleetworks.enqueue`);
+   Celery's ``before_task_publish``/``after_task_publish`` receivers are
+   read to know whether any but fleetworks' and the tracing's would be
+   skipped (:func:`only_known_publish_receivers`).
 """
 
 from __future__ import annotations
@@ -46,11 +56,13 @@ import base64
 import inspect
 import json
 import logging
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from celery import Celery, bootsteps
+import redis
+from celery import Celery, bootsteps, signals
 from celery.worker.consumer import Consumer
 from kombu.message import Message
 
@@ -84,6 +96,52 @@ def priority_lists(channel: Any, queue: str) -> list[str]:
 
 def unacked_key(channel: Any) -> str:
     return str(channel.unacked_key)
+
+
+def raw_message(
+    body: bytes, headers: dict[str, Any], *, correlation_id: str, reply_to: str,
+    delivery_mode: int, routing_key: str,
+) -> str:  # fmt: skip
+    """The JSON a Redis channel pushes for one JSON task message published to the
+    nameless direct exchange with priority 0 (see 7. above)."""
+    return json.dumps(
+        {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": {
+                "correlation_id": correlation_id,
+                "reply_to": reply_to,
+                "delivery_mode": delivery_mode,
+                "delivery_info": {"exchange": "", "routing_key": routing_key},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+    )
+
+
+def broker_client(producer: Any) -> redis.Redis:
+    """The Redis client of a producer's channel (its connection pool, its TLS)."""
+    client: redis.Redis = producer.channel.client
+    return client
+
+
+#: Modules whose publish-signal receivers the fast fan-out does the work of.
+_KNOWN_RECEIVERS = ("fleetworks.", "opentelemetry.instrumentation.celery")
+
+
+def only_known_publish_receivers(task_name: str) -> bool:
+    """Whether every live ``before_task_publish``/``after_task_publish`` receiver
+    for ``task_name`` is fleetworks' own or the Celery instrumentation's."""
+    for signal in (signals.before_task_publish, signals.after_task_publish):
+        for receiver in signal._live_receivers(task_name):
+            module = getattr(receiver, "__module__", None) or ""
+            if not module.startswith(_KNOWN_RECEIVERS):
+                return False
+    return True
 
 
 def decode_body(body: Any) -> tuple[list[Any], dict[str, Any]]:

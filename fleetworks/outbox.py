@@ -100,6 +100,10 @@ class _Pending:
     hold: bool = True
     entries: list[tuple[str, str, float]] = field(default_factory=list)
 
+    def add(self, task_id: str, raw: str, at: float) -> None:
+        """Hold one record back until :meth:`flush`."""
+        self.entries.append((task_id, raw, at))
+
     def flush(self) -> None:
         if not self.entries:
             return

@@ -30,7 +30,9 @@ Whose spans:
   span, with ``fleetworks.agent``, ``fleetworks.idempotency_key``,
   ``fleetworks.entity`` and ``fleetworks.fencing_token`` (the run span gets
   the first three too); ``beat tick <entry>``, the root of each tick's trace;
-  ``enqueue_many <agent>`` around a pipelined fan-out; ``relay <topic>``
+  ``enqueue_many <agent>`` around a fan-out (on a Redis broker its
+  messages, but the first, carry this span's context, not a publish span
+  each: see :mod:`fleetworks.enqueue`); ``relay <topic>``
   around the sending of one event to its subscribers; ``ingest <topic>``
   around an event taken over HTTP (its parent is the request's own
   ``traceparent`` header, when the caller sends one).
@@ -39,7 +41,9 @@ How context crosses:
 
 * a fan-out (``enqueue_many`` in a behaviour): the publishes run inside the
   behaviour span, so each ``run/pricing.reprice`` hangs under the
-  ``run/pricing.poll`` that sent it, through its ``apply_async`` span;
+  ``run/pricing.poll`` that sent it, through the ``enqueue_many`` span (and,
+  for the first message, or every one on a broker other than Redis, its
+  ``apply_async`` span);
 * a retry, the reaper's republish of an orphaned claim and a wait's
   continuation are publishes like any other: their parent is the run (the
   reaper's own, the relay's) that sent them; a stranded message the reaper
@@ -245,6 +249,15 @@ def fan_out(agent: str) -> AbstractContextManager[Span]:
     if _provider is None:
         return _off()
     return _span(f"enqueue_many {agent}", {"fleetworks.agent": agent}, kind=SpanKind.PRODUCER)
+
+
+def current_carrier() -> dict[str, str]:
+    """The current trace context as message headers (``traceparent``,
+    ``tracestate``); empty when tracing is off."""
+    carrier: dict[str, str] = {}
+    if _provider is not None:
+        propagate.inject(carrier)
+    return carrier
 
 
 def incoming(name: str, headers: Any, attributes: Attributes) -> AbstractContextManager[Span]:

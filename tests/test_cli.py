@@ -208,6 +208,22 @@ def test_bench_throughput_reports_ratio_against_plain_celery(tmp_path: Path) -> 
     assert costs["sql_statements_per_task"] == pytest.approx(4, abs=0.1)
 
 
+def test_bench_fanout_measures_enqueue_many_against_send_task(tmp_path: Path) -> None:
+    """`bench fanout --json`: the three ways in the same run, every message in
+    its queue (the bench checks), and enqueue_many not slower than send_task
+    one by one (it is many times faster; the figure is in the README)."""
+    env = embedded_env(tmp_path / ".fleet")
+    done = fleetworks(
+        "bench", "fanout", "--tasks", "1000", "--rounds", "1", "--json", env=env, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    rates = {w: result[f"{w}_per_s"] for w in ("send_task", "send_task_batched", "enqueue_many")}
+    assert all(rate > 0 for rate in rates.values()), rates
+    assert result["ratio"] == pytest.approx(rates["enqueue_many"] / rates["send_task"], rel=0.01)
+    assert result["ratio"] > 1, rates
+
+
 def test_bench_cost_counts_what_a_guarded_task_costs(tmp_path: Path) -> None:
     """`bench cost --json`: counted per task, so exact on any machine."""
     env = embedded_env(tmp_path / ".fleet")

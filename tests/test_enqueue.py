@@ -7,6 +7,7 @@ import json
 import uuid
 
 import redis
+from celery.signals import before_task_publish
 
 from config import app
 from fleetworks import constants as c
@@ -53,4 +54,28 @@ def test_one_task_carries_its_explicit_key() -> None:
             {"id": task_id, "payload": {"id": "job-7"}, "key": "job-7"}
         ]
     finally:
+        client.delete(queue)
+
+
+def test_a_fan_out_goes_through_send_task_when_a_foreign_publish_receiver_listens() -> None:
+    """A ``before_task_publish`` receiver of the application's own must see
+    every message: then ``enqueue_many`` does not build messages itself."""
+    client = redis.Redis.from_url(BROKER_URL)
+    queue = f"fanout-{uuid.uuid4().hex[:8]}"
+    seen: list[str] = []
+
+    def stamp(headers: dict[str, object] | None = None, **_: object) -> None:
+        if headers is not None:
+            headers["x-tenant"] = "acme"
+            seen.append(str(headers["id"]))
+
+    before_task_publish.connect(stamp, weak=False)
+    try:
+        payloads = [{"product_id": f"sku-{i}", "tick": "t@2", "window": 2} for i in range(5)]
+        ids = enqueue_many(app, "pricing.reprice", payloads, queue=queue)
+        assert seen == ids
+        headers = [json.loads(raw)["headers"] for raw in client.lrange(queue, 0, -1)]
+        assert [h["x-tenant"] for h in headers] == ["acme"] * 5
+    finally:
+        before_task_publish.disconnect(stamp)
         client.delete(queue)

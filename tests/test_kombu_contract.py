@@ -7,12 +7,15 @@ them fails here, by name, instead of in production.
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 import uuid
 
 import redis
 from celery.worker.request import Request
 
+from fleetworks import constants as c
 from fleetworks import kombu_redis
 from fleetworks.app import create_app
 from fleetworks.settings import Settings
@@ -75,3 +78,43 @@ def test_a_fleet_worker_reaps_dead_pool_children_with_the_pools_own_method() -> 
     (needs,) = kombu_redis.PromptReap.requires
     assert needs in (f"{components.__name__}:Pool", components.Pool)
     assert hasattr(components, "Pool")
+
+
+def test_enqueue_many_builds_the_message_kombu_would_push() -> None:
+    """``enqueue_many`` sends its first message through ``send_task`` and builds
+    the rest itself (7. in the adapter): the same JSON, key for key, in the
+    same order, but for what differs per message."""
+    from config import app as fleet_app
+    from fleetworks.enqueue import enqueue_many
+
+    queue = f"contract-{uuid.uuid4().hex[:6]}"
+    client = redis.Redis.from_url(BROKER_URL)
+    payloads = [{"product_id": f"p-{i}", "tick": "t", "window": i} for i in range(2)]
+    try:
+        ids = enqueue_many(
+            fleet_app, "pricing.reprice", payloads, queue=queue, key=lambda p: p["product_id"]
+        )
+        by_send_task, built = (json.loads(raw) for raw in reversed(client.lrange(queue, 0, -1)))
+    finally:
+        client.delete(queue)
+    assert [by_send_task["headers"]["id"], built["headers"]["id"]] == ids
+    assert list(built) == list(by_send_task)
+    assert list(built["headers"]) == list(by_send_task["headers"])
+    assert list(built["properties"]) == list(by_send_task["properties"])
+    per_message = {"id", "root_id", "kwargsrepr", c.SENT_AT_HEADER}
+    assert {k: v for k, v in built["headers"].items() if k not in per_message} == {
+        k: v for k, v in by_send_task["headers"].items() if k not in per_message
+    }
+    own = {"correlation_id", "delivery_tag"}
+    assert {k: v for k, v in built["properties"].items() if k not in own} == {
+        k: v for k, v in by_send_task["properties"].items() if k not in own
+    }
+    assert built["properties"]["correlation_id"] == built["headers"]["id"]
+    assert built["headers"]["root_id"] == built["headers"]["id"]
+    assert built["properties"]["delivery_tag"] != by_send_task["properties"]["delivery_tag"]
+    for message, payload in zip((by_send_task, built), payloads, strict=True):
+        kwargs = {"payload": payload, "key": payload["product_id"]}
+        assert message["headers"]["kwargsrepr"] == repr(kwargs)
+        assert kombu_redis.decode_body(message["body"]) == ([], kwargs)
+    embeds = [json.loads(base64.b64decode(m["body"]))[2] for m in (by_send_task, built)]
+    assert embeds[0] == embeds[1]

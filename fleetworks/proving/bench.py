@@ -23,6 +23,7 @@ import socket
 import statistics
 import time
 import uuid
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import redis
@@ -30,6 +31,7 @@ from celery import Celery
 from sqlalchemy import event
 
 from fleetworks import progress
+from fleetworks.constants import PUBLISH_BATCH
 from fleetworks.db import get_engine
 from fleetworks.enqueue import enqueue_many
 from fleetworks.procs import Child, celery_argv, fleet_env, wait_workers
@@ -153,18 +155,28 @@ def run_throughput(app: Celery, settings: Settings, *, tasks: int, rounds: int) 
     }
 
 
-def _publish_rate(app: Any, client: redis.Redis, n: int, *, batched: bool) -> float:
+#: How ``bench fanout`` publishes: Celery's ``send_task`` one round trip per
+#: message, ``send_task`` in kombu's ``Producer.batch`` (its pipelines), and
+#: ``enqueue_many``.
+FANOUT_WAYS = ("send_task", "send_task_batched", "enqueue_many")
+
+
+def _publish_rate(app: Any, client: redis.Redis, n: int, way: str) -> float:
     """Messages per second publishing ``n`` reprice-sized tasks to a queue nobody reads."""
     queue = f"bench.fanout.{uuid.uuid4().hex[:8]}"
     payloads = [{"product_id": f"sku-{i:06d}", "tick": "t@0", "window": 0} for i in range(n)]
     started = time.perf_counter()
-    if batched:
+    if way == "enqueue_many":
         enqueue_many(app, "pricing.reprice", payloads, queue=queue)
     else:
         with app.producer_or_acquire() as producer:
-            for p in payloads:
-                app.send_task("pricing.reprice", kwargs={"payload": p}, queue=queue,
-                              producer=producer)  # fmt: skip
+            batch: AbstractContextManager[Any] = (
+                producer.batch(PUBLISH_BATCH) if way == "send_task_batched" else nullcontext()
+            )
+            with batch:
+                for p in payloads:
+                    app.send_task("pricing.reprice", kwargs={"payload": p}, queue=queue,
+                                  producer=producer)  # fmt: skip
     elapsed = time.perf_counter() - started
     assert client.llen(queue) == n, "every message must be in the queue"
     client.delete(queue)
@@ -172,24 +184,25 @@ def _publish_rate(app: Any, client: redis.Redis, n: int, *, batched: bool) -> fl
 
 
 def run_fanout(app: Celery, settings: Settings, *, tasks: int, rounds: int) -> dict[str, Any]:
-    """Pipelined publishing (``enqueue_many``) against one publish per message,
-    both through Celery's ``send_task`` on one producer, alternating."""
+    """``enqueue_many`` against Celery's ``send_task``, one publish per message
+    and in kombu's publish batches, in the same run, the order turned each round."""
 
     client = redis.Redis.from_url(settings.broker)
-    single: list[float] = []
-    piped: list[float] = []
-    _publish_rate(app, client, 200, batched=True)  # connect, declare, warm
+    rates: dict[str, list[float]] = {way: [] for way in FANOUT_WAYS}
+    for way in FANOUT_WAYS:
+        _publish_rate(app, client, 200, way)  # connect, declare, warm
     for r in range(rounds):
-        order = [(False, single), (True, piped)]
-        for batched, results in order if r % 2 == 0 else reversed(order):
-            results.append(_publish_rate(app, client, tasks, batched=batched))
-    one, many = statistics.median(single), statistics.median(piped)
+        order = FANOUT_WAYS if r % 2 == 0 else tuple(reversed(FANOUT_WAYS))
+        for way in order:
+            rates[way].append(_publish_rate(app, client, tasks, way))
+    median = {way: statistics.median(values) for way, values in rates.items()}
     return {
         "tasks": tasks,
         "rounds": rounds,
-        "one_per_message_per_s": round(one, 1),
-        "pipelined_per_s": round(many, 1),
-        "ratio": round(many / one, 2),
+        **{f"{way}_per_s": round(median[way], 1) for way in FANOUT_WAYS},
+        "ratio": round(median["enqueue_many"] / median["send_task"], 2),
+        "ratio_to_batched": round(median["enqueue_many"] / median["send_task_batched"], 2),
+        "rounds_per_s": {way: [round(x, 1) for x in values] for way, values in rates.items()},
     }
 
 
