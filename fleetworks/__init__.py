@@ -1,7 +1,7 @@
 """fleetworks: run fleets of agents on Celery, each effect once per idempotency key.
 
 The public API: make a Celery app a fleet (:func:`init_app`, or
-:func:`create_app` for a new one), declare agents (:class:`AgentSpec`,
+:func:`create_app` for a new one), declare agents (:class:`AgentSpec`, :class:`Batch`,
 ``@fleet.agent`` or :func:`shared_agent`), declare controllers run by a
 group's leader only (``@fleet.controller`` or :func:`shared_controller`,
 :class:`ControllerContext`), enqueue work (:func:`enqueue`,
@@ -14,7 +14,7 @@ from __future__ import annotations
 from fleetworks.agent import AgentTask, Fleet, UnknownAgentError, shared_agent
 from fleetworks.app import GuaranteeError, create_app, fleet_of, init_app, load_app
 from fleetworks.claims import StaleWriteError
-from fleetworks.context import AgentSpec, RunContext
+from fleetworks.context import AgentSpec, Batch, RunContext
 from fleetworks.controllers import ControllerContext, shared_controller
 from fleetworks.enqueue import enqueue, enqueue_many
 from fleetworks.fenced import fenced_update, fenced_upsert
@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AgentSpec",
     "AgentTask",
+    "Batch",
     "ControllerContext",
     "Fleet",
     "GuaranteeError",

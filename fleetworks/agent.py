@@ -41,8 +41,9 @@ from typing import Any, ClassVar
 from celery import Celery, Task
 from kombu.transport.native_delayed_delivery import MAX_NUMBER_OF_BITS_TO_USE
 
-from fleetworks import logs, message, reaper, retention
-from fleetworks.constants import SENT_AT_HEADER
+from fleetworks import kombu_redis, logs, message, reaper, retention
+from fleetworks.batch import BatchGuard, batch_queue
+from fleetworks.constants import BATCH_INFIX, SENT_AT_HEADER
 from fleetworks.context import AgentSpec, RunContext
 from fleetworks.controllers import ControllerContext, ControllerSpec, bind_shared, make_spec
 from fleetworks.guard import Behaviour, Delivery, Guard, RetryRequested
@@ -147,8 +148,12 @@ class AgentTask(GuardedTask):
 
     def _guarded(self, delivery: Delivery, kwargs: dict[str, Any]) -> Any:
         """The guard's run, its decision turned into the Celery state Flower shows."""
+        spec, behaviour = self.agent_spec, type(self).behaviour
         try:
-            result = self.fleet.guard.run(self.agent_spec, type(self).behaviour, delivery)
+            if spec.batch is not None and self.fleet.batching:
+                result = self.fleet.batches.run(spec, behaviour, delivery)
+            else:
+                result = self.fleet.guard.run(spec, behaviour, delivery)
         except RetryRequested as again:
             countdown = again.countdown
             if self.fleet.settings.queue_type == "quorum":
@@ -216,6 +221,11 @@ class Fleet:
         self.heartbeat = Heartbeat(lambda: self.locks)
         self.guard = Guard(self.ledger, lambda: self.locks, self.heartbeat, app=app)
         self.agents: dict[str, AgentSpec] = {}
+        #: The queue of each batch agent (:mod:`fleetworks.batch`), by agent name.
+        self.batch_queues: dict[str, str] = {}
+        #: Whether batch agents take many messages per run (a Redis broker).
+        self.batching = kombu_redis.is_redis(app)
+        self._batches: BatchGuard | None = None
         #: Controllers declared for this fleet (:mod:`fleetworks.controllers`), by name.
         self.controllers: dict[str, ControllerSpec] = {}
         self._imported = False
@@ -235,6 +245,13 @@ class Fleet:
                 "the app is created"
             )
         return fleet
+
+    @property
+    def batches(self) -> BatchGuard:
+        """The guard of batch agents' runs."""
+        if self._batches is None:
+            self._batches = BatchGuard(self)
+        return self._batches
 
     @property
     def locks(self) -> EntityLocks:
@@ -262,6 +279,12 @@ class Fleet:
         # A refused payload is the sender's error: logged without a traceback.
         options["throws"] = (*options.pop("throws", ()), RejectedError)
 
+        if spec.batch is not None:
+            # Its own queue beside the one it would use (fleetworks.batch):
+            # routed there by the fleet's router, whatever the caller.
+            base = options.pop("queue", None) or self.settings.queue
+            self.batch_queues[spec.name] = batch_queue(str(base), spec.name)
+
         def bind(behaviour: Behaviour) -> Task:
             # shared=False: Celery would otherwise add this task, bound to this
             # fleet, to every app finalized later in the process, where it could
@@ -287,6 +310,14 @@ class Fleet:
             return task
 
         return bind
+
+    def queue_for(self, agent: str, queue: str | None) -> str | None:
+        """The queue a message of ``agent`` goes to when its sender names
+        ``queue`` (None: the default): a batch agent's own queue beside it."""
+        own = self.batch_queues.get(agent)
+        if own is None or (queue is not None and queue.endswith(BATCH_INFIX + agent)):
+            return queue
+        return own if queue is None else batch_queue(queue, agent)
 
     def controller(
         self, *, groups: Sequence[str], every_s: float, name: str | None = None

@@ -40,8 +40,8 @@ from celery.signals import (
 )
 from kombu.entity import Queue
 
+from fleetworks import batch, db, holders, kombu_redis, logs, outbox, redisconn, retention, timing
 from fleetworks import constants as c
-from fleetworks import db, holders, kombu_redis, logs, outbox, redisconn, retention, timing
 from fleetworks import tracing as _tracing  # noqa: F401  (connects the process signals)
 from fleetworks.reaper import REAP_TASK, control_queue
 from fleetworks.reaper import schedule_entry as reaper_entry
@@ -293,13 +293,31 @@ def init_app(
     ):
         schedule["fleet-prune-outcomes"] = retention.schedule_entry(settings.queue)
     app.conf.beat_schedule = schedule
+    app.conf.task_routes = _with_batch_router(app, _chosen(app, "task_routes"))
     for step in (kombu_redis.PromptReap, holders.Snapshots):
         if step not in app.steps["worker"]:
             app.steps["worker"].add(step)
-    if kombu_redis.GuardTaskHandler not in app.steps["consumer"]:
-        app.steps["consumer"].add(kombu_redis.GuardTaskHandler)
+    for consumer_step in (kombu_redis.GuardTaskHandler, batch.BatchQueues):
+        if consumer_step not in app.steps["consumer"]:
+            app.steps["consumer"].add(consumer_step)
     timing.Timings.from_settings(settings).check()
     return Fleet(app, settings, migrations=migrations)
+
+
+def _with_batch_router(app: Celery, routes: Any) -> list[Any]:
+    """The app's own routes after the router of its batch agents' queues."""
+    from fleetworks.agent import _FLEETS
+
+    theirs: list[Any]
+    if routes is None:
+        theirs = []
+    elif isinstance(routes, list | tuple):
+        theirs = [r for r in routes if not getattr(r, "fleet_batch_router", False)]
+    else:
+        theirs = [routes]
+    route = batch.router(lambda: _FLEETS.get(app))
+    route.fleet_batch_router = True  # type: ignore[attr-defined]
+    return [route, *theirs]
 
 
 def create_app(

@@ -73,8 +73,22 @@ _CLAIM_COLUMNS = (
 def _claim_statement(dialect: str) -> Any:
     """The claim upsert for ``dialect``, built once: bind parameters only, so
     its compiled form is cached and a claim costs no statement building."""
+    return _claim_upsert(dialect).returning(_outcomes.c.attempts)
+
+
+def _claim_many_statement(dialect: str, rows: list[dict[str, Any]]) -> Any:
+    """The claim upsert of many rows as one multi-row ``VALUES``, returning the key too."""
+    values = [row | {"status": Status.CLAIMED, "attempts": 1} for row in rows]
+    return _claim_upsert(dialect, values).returning(
+        _outcomes.c.idempotency_key, _outcomes.c.attempts
+    )
+
+
+def _claim_upsert(dialect: str, rows: list[dict[str, Any]] | None = None) -> Any:
     stmt = upsert_for(dialect, _outcomes).values(
-        {name: bindparam(name) for name in _CLAIM_COLUMNS}
+        rows
+        if rows is not None
+        else {name: bindparam(name) for name in _CLAIM_COLUMNS}
         | {
             "status": Status.CLAIMED,
             "attempts": 1,
@@ -99,9 +113,11 @@ def _claim_statement(dialect: str) -> Any:
             "reaped_at": None,
             # ``error`` is kept: while a retry runs, it is the last error seen.
         },
-        where=(_outcomes.c.status.in_([Status.CLAIMED, Status.FAILED]))
+        # Two comparisons, not IN: an IN list is expanded per execution,
+        # which a many-row claim (one statement) cannot take.
+        where=((_outcomes.c.status == Status.CLAIMED) | (_outcomes.c.status == Status.FAILED))
         & (_outcomes.c.fencing_token < stmt.excluded.fencing_token),
-    ).returning(_outcomes.c.attempts)
+    )
 
 
 _FINISH = (
@@ -160,6 +176,65 @@ def claim(
     if found.status in TERMINAL:
         return Claim(ClaimVerdict.DUPLICATE, status=found.status)
     return Claim(ClaimVerdict.STALE, stored_token=found.fencing_token)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """One key of a batch claim (the arguments of :func:`claim`)."""
+
+    agent: str
+    entity_key: str
+    idempotency_key: str
+    fencing_token: int
+    task_id: str | None
+    worker: str | None
+    payload: Any = None
+    queue: str | None = None
+    queued_at: datetime | None = None
+
+
+def claim_many(conn: Connection, wanted: list[ClaimRequest]) -> dict[str, Claim]:
+    """:func:`claim` for many distinct keys: one upsert of all of them (one
+    statement), then one read of the keys it did not take. By key."""
+    if not wanted:
+        return {}
+    at = now()
+    params = [
+        {
+            "agent": w.agent, "entity_key": w.entity_key, "idempotency_key": w.idempotency_key,
+            "fencing_token": w.fencing_token, "task_id": stored_task_id(w.task_id),
+            "worker": w.worker, "queue": w.queue, "payload": w.payload,
+            "queued_at": w.queued_at, "started_at": at,
+        }
+        for w in wanted
+    ]  # fmt: skip
+    got = {
+        str(row[0]): Claim(ClaimVerdict.RUN, attempts=int(row[1]))
+        for row in conn.execute(_claim_many_statement(conn.dialect.name, params))
+    }
+    missing = [w.idempotency_key for w in wanted if w.idempotency_key not in got]
+    if missing:
+        found = conn.execute(
+            select(_outcomes.c.idempotency_key, _outcomes.c.status, _outcomes.c.fencing_token)
+            .where(_outcomes.c.idempotency_key.in_(missing))
+        )  # fmt: skip
+        for key, status, token in found:
+            got[str(key)] = (
+                Claim(ClaimVerdict.DUPLICATE, status=status) if status in TERMINAL
+                else Claim(ClaimVerdict.STALE, stored_token=token)
+            )  # fmt: skip
+    return got
+
+
+def terminal_statuses(conn: Connection, keys: list[str]) -> dict[str, str]:
+    """The keys of ``keys`` that are done, with their terminal status."""
+    if not keys:
+        return {}
+    rows = conn.execute(
+        select(_outcomes.c.idempotency_key, _outcomes.c.status)
+        .where(_outcomes.c.idempotency_key.in_(keys))
+    )  # fmt: skip
+    return {str(k): str(s) for k, s in rows if s in TERMINAL}
 
 
 def terminal_status(conn: Connection, idempotency_key: str) -> str | None:

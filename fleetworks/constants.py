@@ -120,3 +120,6 @@ EMBEDDED_START_TIMEOUT_S: Final = 10.0
 #: Seconds a child gets after SIGTERM (Celery's warm shutdown) before SIGKILL.
 #: A worker finishes its running tasks in this window.
 STOP_GRACE_S: Final = 30.0
+
+#: What names a batch agent's queue: ``<queue>.batch.<agent>`` (:mod:`fleetworks.batch`).
+BATCH_INFIX: Final = ".batch."

@@ -42,6 +42,31 @@ class Identity:
     entity: str
 
 
+#: Count: the most messages one batch run may take (one ``IN`` list, one
+#: multi-row claim, one transaction).
+MAX_BATCH_SIZE: Final = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """How a batch agent's worker takes its messages (:mod:`fleetworks.batch`).
+
+    A run takes the message Celery delivered and up to ``size - 1`` more of
+    the agent's queue, waiting at most ``wait_s`` for them to arrive.
+    """
+
+    #: The most messages one run takes, the delivered one included.
+    size: int = 100
+    #: Seconds a run waits for more messages before it starts with fewer.
+    wait_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.size <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch size must be in [1, {MAX_BATCH_SIZE}], not {self.size}")
+        if not 0 <= self.wait_s <= 5:
+            raise ValueError(f"batch wait_s must be in [0, 5] seconds, not {self.wait_s}")
+
+
 @dataclass(frozen=True)
 class AgentSpec:
     """How one agent behaviour runs under the guard."""
@@ -67,10 +92,19 @@ class AgentSpec:
     on: tuple[str, ...] = ()
     #: Which of those events it wants: a predicate on the event, run by the relay.
     where: Callable[[Event], bool] | None = None
+    #: Take many messages per run (:class:`Batch`); None runs one per message.
+    batch: Batch | None = None
 
     def __post_init__(self) -> None:
         self._check_limits()
         self._subscribe()
+        if self.batch is not None and self.on:
+            raise ValueError(
+                f"{self.name}: batch= is for agents fed by enqueue; a subscriber runs "
+                "each key's events in order, one at a time"
+            )
+        if self.batch is not None and not isinstance(self.batch, Batch):
+            raise ValueError(f"{self.name}: batch= takes fleetworks.Batch(size=, wait_s=)")
 
     def _subscribe(self) -> None:
         on = (self.on,) if isinstance(self.on, str) else tuple(self.on)
@@ -130,6 +164,10 @@ class RunContext:
     #: The Celery app running this run: publish follow-up work with it.
     app: Celery | None = None
     _conn: Connection | None = field(default=None, repr=False)
+    #: In a batch run: the batch's one transaction; this run's effects are a
+    #: savepoint in it, released or rolled back alone.
+    shared: Connection | None = field(default=None, repr=False)
+    _savepoint: Any = field(default=None, repr=False)
     #: Events this run has emitted (stored in :attr:`db`, not yet committed).
     emitted: list[str] = field(default_factory=list)
     #: Set on a run that resumes from :meth:`wait_for`: the event, or the timeout.
@@ -156,8 +194,12 @@ class RunContext:
         """
         if self._conn is None:
             self.check_lease()
-            self._conn = get_engine(self.database_url).connect()
-            self._conn.begin()
+            if self.shared is not None:
+                self._savepoint = self.shared.begin_nested()
+                self._conn = self.shared
+            else:
+                self._conn = get_engine(self.database_url).connect()
+                self._conn.begin()
         return self._conn
 
     def emit(self, topic: str, data: dict[str, Any], key: str | None = None) -> str:
@@ -193,6 +235,13 @@ class RunContext:
     def close_db(self, *, commit: bool) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
+            return
+        if self.shared is not None:
+            savepoint, self._savepoint = self._savepoint, None
+            if commit:
+                savepoint.commit()
+            else:
+                savepoint.rollback()
             return
         try:
             if commit:

@@ -72,7 +72,12 @@ def _chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
         yield chunk
 
 
-def _options(queue: str | None) -> dict[str, Any]:
+def _options(app: Celery, agent: str, queue: str | None) -> dict[str, Any]:
+    """The publish options of ``agent``'s messages: its queue, a batch agent's
+    own queue beside it (:mod:`fleetworks.batch`)."""
+    from fleetworks.app import fleet_of
+
+    queue = fleet_of(app).queue_for(agent, queue)
     return {"queue": queue} if queue else {}
 
 
@@ -93,7 +98,9 @@ def enqueue(
     """
     _known(app, agent)
     with outbox.collecting(app, agent, hold=False):
-        sent = app.send_task(agent, kwargs=message.pack(payload, key), **_options(queue))
+        sent = app.send_task(
+            agent, kwargs=message.pack(payload, key), **_options(app, agent, queue)
+        )
     return str(sent.id)
 
 
@@ -226,7 +233,7 @@ def enqueue_many(
     """
     _known(app, agent)
     ids: list[str] = []
-    options = _options(queue)
+    options = _options(app, agent, queue)
     fast = kombu_redis.is_redis(app) and kombu_redis.only_known_publish_receivers(agent)
     template: _Template | None = None
 

@@ -43,6 +43,11 @@ class Ledger:
             self._event(conn, run, kind, detail)
 
     @staticmethod
+    def event_in(conn: Connection, run: RunId, kind: EventKind, detail: str) -> None:
+        """A guard event inside the caller's transaction (a batch's)."""
+        Ledger._event(conn, run, kind, detail)
+
+    @staticmethod
     def _event(conn: Connection, run: RunId, kind: EventKind, detail: str) -> None:
         claims.record_event(
             conn, kind, agent=run.agent, idempotency_key=run.key, task_id=run.task_id,
@@ -103,20 +108,27 @@ class Ledger:
     def fail(self, run: RunId, token: int, error: BaseException, *, dead: bool) -> None:
         """``failed`` (a retry follows) or ``dead``; a UNIQUE violation is also a
         ``duplicate_effect`` event, in the same transaction."""
+        with transaction(self.database_url) as conn:
+            self.fail_in(conn, run, token, error, dead=dead)
+
+    @staticmethod
+    def fail_in(
+        conn: Connection, run: RunId, token: int, error: BaseException, *, dead: bool
+    ) -> None:
+        """:meth:`fail` inside the caller's transaction (a batch's)."""
         from sqlalchemy.exc import IntegrityError
 
-        with transaction(self.database_url) as conn:
-            if isinstance(error, IntegrityError):
-                self._event(conn, run, EventKind.DUPLICATE_EFFECT, str(error.orig))
-            elif not dead:
-                # The row keeps only the latest attempt: the event keeps each one.
-                detail = f"token {token}: {type(error).__name__}: {error}"
-                self._event(conn, run, EventKind.ATTEMPT_FAILED, detail[:2000])
-            claims.finish(
-                conn, idempotency_key=run.key, fencing_token=token,
-                status=Status.DEAD if dead else Status.FAILED,
-                error=f"{type(error).__name__}: {error}",
-            )  # fmt: skip
+        if isinstance(error, IntegrityError):
+            Ledger._event(conn, run, EventKind.DUPLICATE_EFFECT, str(error.orig))
+        elif not dead:
+            # The row keeps only the latest attempt: the event keeps each one.
+            detail = f"token {token}: {type(error).__name__}: {error}"
+            Ledger._event(conn, run, EventKind.ATTEMPT_FAILED, detail[:2000])
+        claims.finish(
+            conn, idempotency_key=run.key, fencing_token=token,
+            status=Status.DEAD if dead else Status.FAILED,
+            error=f"{type(error).__name__}: {error}",
+        )  # fmt: skip
 
     def reapable(self, timings: Timings) -> list[Any]:
         """Claims whose holder may be gone (see :mod:`fleetworks.reaper`)."""

@@ -41,6 +41,33 @@ end
 return 0
 """
 
+_ACQUIRE_MANY = """
+local out = {}
+for i = 1, #ARGV - 1, 2 do
+  local n = (i + 1) / 2
+  if redis.call('set', KEYS[2 * n + 1], ARGV[i], 'NX', 'PX', ARGV[#ARGV]) then
+    if ARGV[i + 1] ~= '' then
+      redis.call('hdel', KEYS[1], ARGV[i + 1])
+      redis.call('zrem', KEYS[2], ARGV[i + 1])
+    end
+    out[n] = redis.call('incr', KEYS[2 * n + 2])
+  else
+    out[n] = 0
+  end
+end
+return out
+"""
+
+_RELEASE_MANY = """
+local freed = 0
+for i = 1, #KEYS do
+  if redis.call('get', KEYS[i]) == ARGV[i] then
+    freed = freed + redis.call('del', KEYS[i])
+  end
+end
+return freed
+"""
+
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('del', KEYS[1])
@@ -109,6 +136,8 @@ class EntityLocks:
         self._renew = client.register_script(_RENEW)
         self._raise_fence = client.register_script(_RAISE_FENCE)
         self._release_owner = client.register_script(_RELEASE_OWNER)
+        self._acquire_many = client.register_script(_ACQUIRE_MANY)
+        self._release_many = client.register_script(_RELEASE_MANY)
 
     @property
     def client(self) -> redis.Redis:
@@ -135,6 +164,36 @@ class EntityLocks:
         if fence == 0:
             return None
         return Lease(entity=entity, token=token, fencing_token=fence, ttl_ms=ttl_ms)
+
+    def acquire_many(self, wanted: list[tuple[str, str, str]], ttl_s: float) -> list[Lease | None]:
+        """Leases on many entities in one round trip: ``wanted`` is ``(entity,
+        owner, task_id)`` per item (as for :meth:`acquire`); None where another
+        holder has the entity. Entities must be distinct."""
+        if not wanted:
+            return []
+        ttl_ms = max(1, int(ttl_s * 1000))
+        keys: list[str] = [c.OUTBOX_KEY, c.OUTBOX_AT_KEY]
+        args: list[str | int] = []
+        tokens: list[str] = []
+        for entity, owner, task_id in wanted:
+            token = f"{owner}:{secrets.token_hex(16)}" if owner else secrets.token_hex(16)
+            tokens.append(token)
+            keys += [c.LOCK_KEY + entity, c.FENCE_KEY + entity]
+            args += [token, task_id]
+        args.append(ttl_ms)
+        fences = self._acquire_many(keys=keys, args=args)
+        return [
+            Lease(entity=entity, token=token, fencing_token=int(fence), ttl_ms=ttl_ms)
+            if int(fence) else None
+            for (entity, _, _), token, fence in zip(wanted, tokens, fences, strict=True)
+        ]  # fmt: skip
+
+    def release_many(self, leases: list[Lease]) -> int:
+        """Delete the locks ``leases`` still hold, in one round trip; how many were."""
+        if not leases:
+            return 0
+        keys = [c.LOCK_KEY + lease.entity for lease in leases]
+        return int(self._release_many(keys=keys, args=[lease.token for lease in leases]))
 
     def release(self, lease: Lease) -> bool:
         """Delete the lock if ``lease`` still holds it; False if it had expired."""

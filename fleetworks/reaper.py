@@ -78,8 +78,10 @@ def control_queue(queue: str) -> str:
 
     A control queue is its own control queue: a claim taken from it (a
     republished key) records it as its queue, and its next republish must
-    land where the workers consume, not on ``<queue>.control.control``.
+    land where the workers consume, not on ``<queue>.control.control``; a
+    batch agent's queue (``<queue>.batch.<agent>``) shares ``<queue>``'s.
     """
+    queue = queue.split(c.BATCH_INFIX, 1)[0]
     return queue if queue.endswith(CONTROL_SUFFIX) else f"{queue}{CONTROL_SUFFIX}"
 
 

@@ -55,7 +55,9 @@ def test_the_teams_own_choices_are_kept_and_the_fleets_applied() -> None:
     fleet = init_app(app, Settings(broker_url=None, redis_url="redis://127.0.0.1:1/1"))
     assert fleet_of(app) is fleet
     assert app.conf.task_default_queue == "shop"
-    assert app.conf.task_routes == {"shop.*": {"queue": "shop"}}
+    # the team's routes come after the fleet's router of batch agents' queues
+    assert app.conf.task_routes[1:] == [{"shop.*": {"queue": "shop"}}]
+    assert getattr(app.conf.task_routes[0], "fleet_batch_router", False)
     assert app.conf.broker_url == "redis://127.0.0.1:1/5", "the app's broker is kept"
     assert fleet.settings.broker == "redis://127.0.0.1:1/5"
     assert fleet.settings.queue == "shop", "its workers consume the app's own queue"

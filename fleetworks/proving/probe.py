@@ -9,7 +9,8 @@ chaos run counts doubles there, where only the guard can prevent them).
 It is declared with :func:`fleetworks.shared_agent`, so it joins whichever
 fleet imports this module: the rigs add the module to the workers they start
 (``FLEET_TASK_MODULES``), on any app.
-``probe.plain`` is its plain-Celery twin, the peer benchmarks compare with.
+``probe.batch`` is its batch-agent twin (:mod:`fleetworks.batch`), and
+``probe.plain`` its plain-Celery twin, the peer benchmarks compare with.
 ``probe.emit`` emits events of ``probe.event`` and ``probe.on_a`` and
 ``probe.on_b`` subscribe to them, doing nothing else: the events benchmark.
 A probe with ``emit`` announces its effect as ``probe.done``, which
@@ -33,7 +34,7 @@ from sqlalchemy import insert
 
 from fleetworks.agent import shared_agent
 from fleetworks.claims import now
-from fleetworks.context import AgentSpec, RunContext
+from fleetworks.context import AgentSpec, Batch, RunContext
 from fleetworks.events import Event
 from fleetworks.models import PROBE_EFFECT_LOG, PROBE_EFFECTS
 from fleetworks.settings import Settings
@@ -156,6 +157,22 @@ def run_probe(ctx: RunContext, payload: Probe) -> dict[str, str]:
     if payload.emit:
         ctx.emit(DONE_TOPIC, {"id": payload.id})
     return result
+
+
+#: The batch agent twin of :data:`GUARDED`: the same behaviour, many keys per run.
+BATCHED = "probe.batch"
+#: Messages one run of :data:`BATCHED` takes at most.
+BATCH_SIZE = 100
+
+BATCH_SPEC = AgentSpec(
+    name=BATCHED,
+    payload=Probe,
+    key=lambda p: f"probe:{p.id}",
+    on_contention="retry",
+    time_limit_s=30.0,
+    batch=Batch(size=BATCH_SIZE),
+)
+shared_agent(BATCH_SPEC)(run_probe)
 
 
 #: What a probe with ``emit`` announces, and who handles it.

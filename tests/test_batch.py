@@ -1,0 +1,182 @@
+"""Batch agents against a real worker, real Redis and each real results database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from fleetworks.app import fleet_of
+from fleetworks.batch import batch_queue
+from fleetworks.context import AgentSpec, Batch
+from fleetworks.db import transaction
+from fleetworks.enqueue import enqueue_many
+from fleetworks.ledger import Ledger
+from fleetworks.locks import EntityLocks
+from fleetworks.models import PROBE_EFFECTS, EventKind, GuardEvent, Outcome
+from fleetworks.proving.probe import BATCHED, Probe
+from fleetworks.reaper import reap, restore_stranded
+from fleetworks.timing import Timings
+from tests.conftest import Worker, broker_idle, start_worker, truncate, wait_for
+
+_o = Outcome.__table__.c
+_e = GuardEvent.__table__.c
+
+
+def _rows(url: str, prefix: str) -> list[Any]:
+    with transaction(url) as conn:
+        return list(
+            conn.execute(
+                select(Outcome.__table__).where(
+                    (_o.agent == BATCHED) & _o.idempotency_key.startswith(f"probe:{prefix}")
+                )
+            )
+        )
+
+
+def _settled(url: str, prefix: str, n: int) -> bool:
+    rows = _rows(url, prefix)
+    return len(rows) == n and all(r.status in ("succeeded", "dead", "rejected") for r in rows)
+
+
+def _effects(url: str, prefix: str) -> int:
+    with transaction(url) as conn:
+        return int(
+            conn.execute(
+                select(func.count()).where(PROBE_EFFECTS.c.effect_key.startswith(prefix))
+            ).scalar_one()
+        )
+
+
+def _events(url: str, kind: EventKind, prefix: str) -> int:
+    with transaction(url) as conn:
+        return int(
+            conn.execute(
+                select(func.count()).where(
+                    (_e.kind == kind) & _e.idempotency_key.startswith(f"probe:{prefix}")
+                )
+            ).scalar_one()
+        )
+
+
+def _send(worker: Worker, payloads: list[dict[str, Any]]) -> list[str]:
+    from config import app
+
+    return enqueue_many(app, BATCHED, payloads, queue=worker.queue)
+
+
+def test_a_batch_agent_runs_many_keys_per_run_each_once(worker: Worker) -> None:
+    # Given 400 keys, 40 of them sent twice, for the batch twin of the probe
+    payloads = [{"id": f"bk{i}"} for i in range(400)]
+    _send(worker, payloads + payloads[:40])
+    # When the worker has settled them
+    wait_for(lambda: _settled(worker.database_url, "bk", 400), 60, "400 keys settled")
+    wait_for(lambda: broker_idle(batch_queue(worker.queue, BATCHED)), 30, "batch queue drained")
+    rows = _rows(worker.database_url, "bk")
+    # Then every key succeeded once, with one effect each
+    assert {r.status for r in rows} == {"succeeded"}
+    assert _effects(worker.database_url, "bk") == 400
+    # and the 40 second copies were counted as duplicates, never run
+    wait_for(
+        lambda: _events(worker.database_url, EventKind.SKIPPED_DUPLICATE, "bk") == 40,
+        30, "40 duplicates counted",
+    )  # fmt: skip
+    # and the keys were claimed many per statement (one claim time per batch)
+    claims_at = {r.started_at for r in rows}
+    assert len(claims_at) <= 400 / 10, f"{len(claims_at)} claim statements for 400 keys"
+    # and they came through the batch agent's own queue
+    assert {r.queue for r in rows} == {batch_queue(worker.queue, BATCHED)}
+
+
+def test_an_item_that_fails_is_retried_alone_and_a_bad_one_rejected(worker: Worker) -> None:
+    # Given a batch where 5 items fail their first attempt and 1 payload is invalid
+    payloads: list[dict[str, Any]] = [
+        {"id": f"bf{i}", "fail_attempts": 1 if i % 20 == 0 else 0} for i in range(100)
+    ]
+    payloads.insert(50, {"id": "bf-bad", "work_ms": -1})
+    _send(worker, payloads)
+    # When it has settled
+    wait_for(lambda: _settled(worker.database_url, "bf", 100), 60, "100 keys settled")
+    rows = {r.idempotency_key: r for r in _rows(worker.database_url, "bf")}
+    # Then every valid key succeeded once; the failing ones on their second attempt
+    assert {r.status for r in rows.values()} == {"succeeded"}
+    assert _effects(worker.database_url, "bf") == 100
+    again = {k for k, r in rows.items() if r.attempts == 2}
+    assert again == {f"probe:bf{i}" for i in range(0, 100, 20)}
+    assert _events(worker.database_url, EventKind.ATTEMPT_FAILED, "bf") == 5
+    # and the invalid payload is one rejected row naming the field
+    with transaction(worker.database_url) as conn:
+        rejected = conn.execute(
+            select(_o.error).where((_o.agent == BATCHED) & (_o.status == "rejected"))
+        ).scalars().all()  # fmt: skip
+    assert len(rejected) == 1
+    assert "work_ms" in rejected[0]
+
+
+def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(
+    sqlite_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    from config import app
+
+    truncate(sqlite_url)
+    queue = f"bkill-{os.getpid()}"
+    worker = start_worker(sqlite_url, tmp_path, f"bkill-{os.getpid()}", queue=queue, control=True)
+    ledger, timings = Ledger(sqlite_url), Timings.derive(60.0)
+    locks, agents = EntityLocks(redis_client), fleet_of(app).agents
+    try:
+        # Given batches of slow items (50 ms each, 100 per batch) in flight
+        _send(worker, [{"id": f"bx{i}", "work_ms": 50} for i in range(300)])
+        wait_for(lambda: _rows(sqlite_url, "bx"), 30, "a first claim")
+        # When a pool process is killed while it runs a batch
+        time.sleep(0.5)
+        os.kill(worker.pool_pids()[0], signal.SIGKILL)
+
+        # Then every key is settled once, by the others and the reaper (run
+        # here every second, as beat would)
+        restored: list[str] = []
+
+        def reaped_and_settled() -> bool:
+            reap(app, ledger, locks, timings)
+            restored.extend(restore_stranded(app, agents, ledger, locks, timings))
+            return _settled(sqlite_url, "bx", 300) or bool(time.sleep(1))
+
+        wait_for(reaped_and_settled, 90, "300 keys settled")
+        rows = _rows(sqlite_url, "bx")
+        assert {r.status for r in rows} == {"succeeded"}
+        assert _effects(sqlite_url, "bx") == 300
+        # and the killed process did hold messages it had taken for its batch
+        assert restored, "no taken message was stranded by the kill"
+    finally:
+        worker.child.stop(15)
+
+
+def test_a_batch_spec_is_checked() -> None:
+    with pytest.raises(ValueError, match="batch size"):
+        Batch(size=0)
+    with pytest.raises(ValueError, match="wait_s"):
+        Batch(wait_s=-1)
+    from fleetworks.events import Event
+
+    with pytest.raises(ValueError, match="subscriber"):
+        AgentSpec(name="x", payload=Event, on=("t",), batch=Batch())
+    assert Probe(id="a").id == "a"
+
+
+def test_a_batch_agents_messages_are_routed_to_its_queue_whoever_sends_them() -> None:
+    from config import app
+
+    fleet = fleet_of(app)
+    own = batch_queue(fleet.settings.queue, BATCHED)
+    # Celery's own routing (send_task, apply_async without a queue) goes there
+    routed = app.amqp.router.route({}, BATCHED, (), {})
+    assert routed["queue"].name == own
+    # and a sender naming a queue gets the batch queue beside it
+    assert fleet.queue_for(BATCHED, "other") == batch_queue("other", BATCHED)
+    assert fleet.queue_for(BATCHED, None) == own
+    assert fleet.queue_for("probe.run", "other") == "other"
