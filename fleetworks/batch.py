@@ -285,8 +285,10 @@ class BatchGuard:
                 running = self._claim(conn, batch, live)
             if running or batch.events:
                 with engine.connect() as conn, conn.begin():
+                    quiet: list[tuple[Item, str, int, Any]] = []
                     for item in running:
-                        self._behave(conn, batch, behaviour, item)
+                        self._behave(conn, batch, behaviour, item, quiet)
+                    self._settle_quiet(conn, batch, quiet)
                     for item, kind, detail in batch.events:
                         self._event(conn, batch, item, kind, detail)
         finally:
@@ -400,7 +402,14 @@ class BatchGuard:
             running.append(item)
         return running
 
-    def _behave(self, conn: Connection, batch: _Batch, behaviour: Behaviour, item: Item) -> None:
+    def _behave(
+        self,
+        conn: Connection,
+        batch: _Batch,
+        behaviour: Behaviour,
+        item: Item,
+        quiet: list[tuple[Item, str, int, Any]],
+    ) -> None:
         spec = batch.spec
         parsed, lease = item.parsed, item.lease
         assert parsed is not None and lease is not None
@@ -419,6 +428,11 @@ class BatchGuard:
                 if isinstance(result, events.Waiting):
                     result = result.as_result()
                 ctx.check_lease()
+                if not ctx.db_opened:
+                    # It wrote nothing: its outcome is one fenced UPDATE, which
+                    # either applies or changes nothing, sent with the others'.
+                    quiet.append((item, run.key, lease.fencing_token, result))
+                    return
                 self.guard.ledger.settle(ctx.db, run, lease.fencing_token, result)
                 ctx.close_db(commit=True)
             except BaseException as exc:
@@ -428,6 +442,20 @@ class BatchGuard:
                 self._failed(conn, batch, item, ctx, exc)
                 return
         item.result, item.emitted = result, bool(ctx.emitted)
+
+    def _settle_quiet(
+        self, conn: Connection, batch: _Batch, quiet: list[tuple[Item, str, int, Any]]
+    ) -> None:
+        """The outcomes of the items that wrote no effect, in one executemany."""
+        refused = claims.finish_many(
+            conn, [(key, token, result) for _, key, token, result in quiet]
+        )
+        for item, key, token, result in quiet:
+            if key in refused:
+                why = f"outcome for {key!r} refused: fencing token {token} is no longer current"
+                batch.end(item, EventKind.STALE_WRITE, f"{FENCING_REFUSED}: {why}")
+            else:
+                item.result = result
 
     def _failed(
         self, conn: Connection, batch: _Batch, item: Item, ctx: RunContext, exc: Exception

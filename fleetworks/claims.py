@@ -15,6 +15,7 @@ lower than the new one: a stale holder can neither re-claim nor finish a key.
 
 from __future__ import annotations
 
+import json
 import reprlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,7 +23,7 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, Dialect, bindparam, insert, select, update
 
 from fleetworks import constants as c
 from fleetworks.db import upsert, upsert_for
@@ -76,26 +77,83 @@ def _claim_statement(dialect: str) -> Any:
     return _claim_upsert(dialect).returning(_outcomes.c.attempts)
 
 
-def _claim_many_statement(dialect: str, rows: list[dict[str, Any]]) -> Any:
-    """The claim upsert of many rows as one multi-row ``VALUES``, returning the key too."""
-    values = [row | {"status": Status.CLAIMED, "attempts": 1} for row in rows]
-    return _claim_upsert(dialect, values).returning(
+@lru_cache(maxsize=256)
+def _claim_many_statement(dialect: str, rows: int) -> Any:
+    """The claim upsert of ``rows`` rows as one multi-row ``VALUES``, returning
+    the key too; its parameters are ``<column>_<row>``. Built and compiled once
+    per row count (SQLAlchemy does not send an upsert with RETURNING as one
+    statement when executed with many parameter sets)."""
+    values = [
+        {name: bindparam(f"{name}_{i}") for name in _CLAIM_COLUMNS}
+        | {
+            "status": Status.CLAIMED,
+            "attempts": 1,
+            "started_at": bindparam(f"started_at_{i}"),
+            "payload": bindparam(f"payload_{i}", type_=_outcomes.c.payload.type),
+        }
+        for i in range(rows)
+    ]
+    return _claim_upsert(dialect, upsert_for(dialect, _outcomes).values(values)).returning(
         _outcomes.c.idempotency_key, _outcomes.c.attempts
     )
 
 
-def _claim_upsert(dialect: str, rows: list[dict[str, Any]] | None = None) -> Any:
-    stmt = upsert_for(dialect, _outcomes).values(
-        rows
-        if rows is not None
-        else {name: bindparam(name) for name in _CLAIM_COLUMNS}
-        | {
-            "status": Status.CLAIMED,
-            "attempts": 1,
-            "started_at": bindparam("started_at"),
-            "payload": bindparam("payload", type_=_outcomes.c.payload.type),
-        }
-    )
+#: The columns of a claim whose values a dialect converts before they are sent.
+_CONVERTED = ("payload", "started_at", "queued_at")
+
+
+@lru_cache(maxsize=256)
+def _compiled_claim_many(dialect: Dialect, rows: int) -> tuple[str, Any, dict[str, Any]]:
+    """The many-row claim compiled once for ``dialect``: its SQL, its parameter
+    order (for a positional driver) and its constant parameters. SQLAlchemy
+    compiles a multi-row ``VALUES`` anew at every execution, which costs more
+    than the statement itself."""
+    compiled = _claim_many_statement(dialect.name, rows).compile(dialect=dialect)
+    constants = {
+        name: _plain(bind.effective_value)
+        for name, bind in compiled.binds.items()
+        if not bind.required
+    }
+    return str(compiled), compiled.positiontup, constants
+
+
+@lru_cache(maxsize=8)
+def _converters(dialect: Dialect) -> dict[str, Any]:
+    found = {name: _outcomes.c[name].type.bind_processor(dialect) for name in _CONVERTED}
+    if found["payload"] is None:
+        # psycopg's JSON goes through its own adapter: here the text, cast by the SQL.
+        found["payload"] = lambda value: None if value is None else json.dumps(value)
+    return {name: f for name, f in found.items() if f is not None}
+
+
+def _plain(value: Any) -> Any:
+    """A constant as the driver takes it (a status is text)."""
+    return str(value) if isinstance(value, StrEnum) else value
+
+
+def _execute_compiled(conn: Connection, rows: int, params: dict[str, Any]) -> Any:
+    sql, order, constants = _compiled_claim_many(conn.dialect, rows)
+    converters = _converters(conn.dialect)
+    values = constants | params
+    for name, convert in converters.items():
+        for i in range(rows):
+            values[f"{name}_{i}"] = convert(values[f"{name}_{i}"])
+    if order is not None:
+        return conn.exec_driver_sql(sql, tuple(values[name] for name in order))
+    return conn.exec_driver_sql(sql, values)
+
+
+def _claim_upsert(dialect: str, stmt: Any = None) -> Any:
+    if stmt is None:
+        stmt = upsert_for(dialect, _outcomes).values(
+            {name: bindparam(name) for name in _CLAIM_COLUMNS}
+            | {
+                "status": Status.CLAIMED,
+                "attempts": 1,
+                "started_at": bindparam("started_at"),
+                "payload": bindparam("payload", type_=_outcomes.c.payload.type),
+            }
+        )
     return stmt.on_conflict_do_update(
         index_elements=[_outcomes.c.idempotency_key],
         set_={
@@ -199,18 +257,18 @@ def claim_many(conn: Connection, wanted: list[ClaimRequest]) -> dict[str, Claim]
     if not wanted:
         return {}
     at = now()
-    params = [
-        {
-            "agent": w.agent, "entity_key": w.entity_key, "idempotency_key": w.idempotency_key,
-            "fencing_token": w.fencing_token, "task_id": stored_task_id(w.task_id),
-            "worker": w.worker, "queue": w.queue, "payload": w.payload,
-            "queued_at": w.queued_at, "started_at": at,
-        }
-        for w in wanted
-    ]  # fmt: skip
+    params: dict[str, Any] = {}
+    for i, w in enumerate(wanted):
+        params |= {
+            f"agent_{i}": w.agent, f"entity_key_{i}": w.entity_key,
+            f"idempotency_key_{i}": w.idempotency_key, f"fencing_token_{i}": w.fencing_token,
+            f"task_id_{i}": stored_task_id(w.task_id), f"worker_{i}": w.worker,
+            f"queue_{i}": w.queue, f"payload_{i}": w.payload, f"queued_at_{i}": w.queued_at,
+            f"started_at_{i}": at,
+        }  # fmt: skip
     got = {
         str(row[0]): Claim(ClaimVerdict.RUN, attempts=int(row[1]))
-        for row in conn.execute(_claim_many_statement(conn.dialect.name, params))
+        for row in _execute_compiled(conn, len(wanted), params)
     }
     missing = [w.idempotency_key for w in wanted if w.idempotency_key not in got]
     if missing:
@@ -271,6 +329,32 @@ def finish(
             f"outcome for {idempotency_key!r} refused: fencing token {fencing_token} "
             "is no longer the current claim"
         )
+
+
+def finish_many(
+    conn: Connection, done: list[tuple[str, int, Any]], status: Status = Status.SUCCEEDED
+) -> set[str]:
+    """:func:`finish` for many ``(key, fencing token, result)`` in one executemany;
+    returns the keys refused (their token no longer the current claim)."""
+    if not done:
+        return set()
+    at = now()
+    params = [
+        {"key": key, "token": token, "status": status, "finished_at": at, "result": result,
+         "error": None}
+        for key, token, result in done
+    ]  # fmt: skip
+    applied = conn.execute(_FINISH, params).rowcount
+    if applied == len(done):
+        return set()
+    # Some were refused: the rows that now hold this status and token are ours.
+    tokens = {key: token for key, token, _ in done}
+    rows = conn.execute(
+        select(_outcomes.c.idempotency_key, _outcomes.c.fencing_token, _outcomes.c.status)
+        .where(_outcomes.c.idempotency_key.in_(list(tokens)))
+    )  # fmt: skip
+    ours = {str(k) for k, t, s in rows if s == status and t == tokens.get(str(k))}
+    return set(tokens) - ours
 
 
 def reapable(

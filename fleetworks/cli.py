@@ -973,6 +973,30 @@ def bench_throughput(tasks: int, rounds: int, as_json: bool) -> None:
         click.echo(render(result))
 
 
+@bench.command("batch")
+@click.option("--tasks", type=_TASKS, default=5000, show_default=True)
+@click.option("--rounds", type=_ROUNDS, default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_batch(tasks: int, rounds: int, as_json: bool) -> None:
+    """Guarded keys through a batch agent against plain Celery messages; prints the ratio."""
+    from fleetworks.proving.bench import run_batch
+    from fleetworks.services import broker
+
+    _handle_stop_signals()
+    settings = _settings()
+    _migrate(settings)
+    with broker(settings), progress.shown(progress.wanted(as_json)):
+        result = run_batch(_fleet().app, settings, tasks=tasks, rounds=rounds)
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(
+            f"batch of {result['batch_size']}, {tasks} keys x {rounds} rounds: plain Celery "
+            f"{result['plain_tps']} messages/s, batch agent {result['batched_keys_per_s']} "
+            f"guarded keys/s; ratio {result['ratio']}"
+        )
+
+
 @bench.command("events")
 @click.option("--events", "count", type=_TASKS, default=1000, show_default=True)
 @click.option("--rounds", type=_ROUNDS, default=3, show_default=True)

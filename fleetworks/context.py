@@ -42,6 +42,9 @@ class Identity:
     entity: str
 
 
+#: The savepoint of one batch item's effects in the batch's transaction.
+_SAVEPOINT: Final = "fleet_item"
+
 #: Count: the most messages one batch run may take (one ``IN`` list, one
 #: multi-row claim, one transaction).
 MAX_BATCH_SIZE: Final = 1000
@@ -186,6 +189,11 @@ class RunContext:
         self.lease.check()
 
     @property
+    def db_opened(self) -> bool:
+        """Whether this run has opened :attr:`db` (written or read an effect)."""
+        return self._conn is not None
+
+    @property
     def db(self) -> Connection:
         """The effect transaction, begun on first use, committed with the outcome.
 
@@ -195,7 +203,10 @@ class RunContext:
         if self._conn is None:
             self.check_lease()
             if self.shared is not None:
-                self._savepoint = self.shared.begin_nested()
+                # A plain SAVEPOINT: SQLAlchemy's nested transaction object
+                # costs more than the statement, once per item of a batch.
+                self.shared.exec_driver_sql(f"SAVEPOINT {_SAVEPOINT}")
+                self._savepoint = True
                 self._conn = self.shared
             else:
                 self._conn = get_engine(self.database_url).connect()
@@ -237,11 +248,10 @@ class RunContext:
         if conn is None:
             return
         if self.shared is not None:
-            savepoint, self._savepoint = self._savepoint, None
-            if commit:
-                savepoint.commit()
-            else:
-                savepoint.rollback()
+            self._savepoint = None
+            if not commit:
+                conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            conn.exec_driver_sql(f"RELEASE SAVEPOINT {_SAVEPOINT}")
             return
         try:
             if commit:

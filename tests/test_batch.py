@@ -142,7 +142,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(
         restored: list[str] = []
 
         def reaped_and_settled() -> bool:
-            reap(app, ledger, locks, timings)
+            restored.extend(reap(app, ledger, locks, timings))
             restored.extend(restore_stranded(app, agents, ledger, locks, timings))
             return _settled(sqlite_url, "bx", 300) or bool(time.sleep(1))
 
@@ -150,8 +150,9 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(
         rows = _rows(sqlite_url, "bx")
         assert {r.status for r in rows} == {"succeeded"}
         assert _effects(sqlite_url, "bx") == 300
-        # and the killed process did hold messages it had taken for its batch
-        assert restored, "no taken message was stranded by the kill"
+        # and the killed process did hold work the reaper had to recover
+        # (claims it republished, or taken messages it gave back)
+        assert restored, "the kill stranded nothing"
     finally:
         worker.child.stop(15)
 

@@ -1,4 +1,4 @@
-"""``fleetworks bench throughput``: the guard's cost against plain Celery.
+"""``fleetworks bench throughput`` and ``bench batch``: the guard against plain Celery.
 
 One worker process tree serves both sides of every round, so the machine,
 pool and concurrency are the same: the worker starts consuming an idle queue;
@@ -11,6 +11,10 @@ is the median of each side and the ratio of the medians.
 Plain side: ``probe.plain``, a no-op task with ``acks_late``, prefetch 1.
 Guarded side: ``probe.run`` with ``effect: false``: validation, the entity
 lock with its fencing token, the claim and the outcome row, and no effect.
+
+Batch side (``bench batch``): ``probe.batch``, the same probe as a batch
+agent (:mod:`fleetworks.batch`): every key leased, claimed and settled as
+above, many keys per run.
 
 Where the time goes is measured apart, in-process: the guard is run on its
 own over fresh keys while Redis ``INFO commandstats`` and an SQLAlchemy
@@ -48,7 +52,10 @@ def _drained(client: redis.Redis, queue: str) -> bool:
 
 def _side(app: Any, client: redis.Redis, worker: str, task: str, *, n: int, tag: str) -> float:
     """Tasks per second for ``n`` tasks of ``task`` already on their queue."""
-    queue = f"bench.{task}"
+    from fleetworks.app import fleet_of
+
+    # A batch agent's messages go to its own queue beside the one named.
+    queue = fleet_of(app).queue_for(task, f"bench.{task}") or f"bench.{task}"
     payloads = [{"id": f"{tag}-{i}", "effect": False} for i in range(n)]
     enqueue_many(app, task, payloads, queue=queue)
     started = time.perf_counter()
@@ -111,7 +118,10 @@ def profile_guard(app: Celery, settings: Settings, n: int = 200) -> dict[str, fl
     }
 
 
-def run_throughput(app: Celery, settings: Settings, *, tasks: int, rounds: int) -> dict[str, Any]:
+def _race(
+    app: Celery, settings: Settings, *, sides: tuple[str, str], tasks: int, rounds: int
+) -> tuple[list[float], list[float]]:
+    """Tasks per second of each of two tasks, per round, on one worker."""
     client = redis.Redis.from_url(settings.broker)
     name = f"bench-{uuid.uuid4().hex[:6]}"
     argv = celery_argv(
@@ -125,21 +135,26 @@ def run_throughput(app: Celery, settings: Settings, *, tasks: int, rounds: int) 
         fleet_env(settings, FLEET_TASK_MODULES=probe.task_modules(settings)),
         settings.home / "logs" / "bench.log",
     ).start()
-    plain: list[float] = []
-    guarded: list[float] = []
+    first: list[float] = []
+    second: list[float] = []
     try:
         host = socket.gethostname()
         wait_workers(app, [f"{name}@{host}"], timeout_s=60)
         worker = f"{name}@{host}"
         # Warm both paths (imports, connections, script loading) before timing.
-        _side(app, client, worker, PLAIN, n=50, tag=f"{name}-warm")
-        _side(app, client, worker, GUARDED, n=50, tag=f"{name}-warm")
+        for task in sides:
+            _side(app, client, worker, task, n=50, tag=f"{name}-warm")
         for r in range(rounds):
-            order = [(PLAIN, plain), (GUARDED, guarded)]
+            order = [(sides[0], first), (sides[1], second)]
             for task, results in order if r % 2 == 0 else reversed(order):
                 results.append(_side(app, client, worker, task, n=tasks, tag=f"{name}-{r}"))
     finally:
         child.stop(30)
+    return first, second
+
+
+def run_throughput(app: Celery, settings: Settings, *, tasks: int, rounds: int) -> dict[str, Any]:
+    plain, guarded = _race(app, settings, sides=(PLAIN, GUARDED), tasks=tasks, rounds=rounds)
     plain_tps, guarded_tps = statistics.median(plain), statistics.median(guarded)
     return {
         "tasks": tasks,
@@ -152,6 +167,27 @@ def run_throughput(app: Celery, settings: Settings, *, tasks: int, rounds: int) 
         "rounds_plain_tps": [round(x, 1) for x in plain],
         "rounds_guarded_tps": [round(x, 1) for x in guarded],
         "where_time_goes": profile_guard(app, settings),
+    }
+
+
+def run_batch(app: Celery, settings: Settings, *, tasks: int, rounds: int) -> dict[str, Any]:
+    """Guarded keys per second through a batch agent (``probe.batch``, batches of
+    :data:`~fleetworks.proving.probe.BATCH_SIZE`) against plain Celery messages
+    per second, on the same worker in the same run."""
+    plain, batched = _race(app, settings, sides=(PLAIN, probe.BATCHED), tasks=tasks,
+                           rounds=rounds)  # fmt: skip
+    plain_tps, batched_kps = statistics.median(plain), statistics.median(batched)
+    return {
+        "tasks": tasks,
+        "rounds": rounds,
+        "batch_size": probe.BATCH_SIZE,
+        "concurrency": settings.worker_concurrency,
+        "pool": settings.worker_pool,
+        "plain_tps": round(plain_tps, 1),
+        "batched_keys_per_s": round(batched_kps, 1),
+        "ratio": round(batched_kps / plain_tps, 3),
+        "rounds_plain_tps": [round(x, 1) for x in plain],
+        "rounds_batched_keys_per_s": [round(x, 1) for x in batched],
     }
 
 
