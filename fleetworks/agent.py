@@ -314,6 +314,8 @@ class Fleet:
     def queue_for(self, agent: str, queue: str | None) -> str | None:
         """The queue a message of ``agent`` goes to when its sender names
         ``queue`` (None: the default): a batch agent's own queue beside it."""
+        if agent not in self.agents:
+            self.import_task_modules()  # where its spec says whether it batches
         own = self.batch_queues.get(agent)
         if own is None or (queue is not None and queue.endswith(BATCH_INFIX + agent)):
             return queue

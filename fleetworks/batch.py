@@ -580,7 +580,7 @@ def router(fleet_of: Callable[[], Fleet | None]) -> Callable[..., dict[str, Any]
     def route(name: str, *_: Any, **__: Any) -> dict[str, Any] | None:
         fleet = fleet_of()
         queue = fleet.batch_queues.get(name) if fleet is not None else None
-        return {"queue": queue, "routing_key": queue} if queue else None
+        return {"queue": queue} if queue else None
 
     return route
 

@@ -248,7 +248,7 @@ class GroupLoop:
         self.identity = identity
         self.ttl_s = ttl_s
         self.share = share
-        fence = TermFence(settings.database)
+        fence = self.fence = TermFence(settings.database)
         self.election = Election(
             backend,
             group,
@@ -324,9 +324,23 @@ class GroupLoop:
                     self.leaderless_since = None
                     self._next_hold = now + renew_s * random.uniform(0.9, 1.0)
                     self._next_cycle = 0.0
+                    self._announce()
         if self.election.still_leading() and time.monotonic() >= self._next_cycle:
             self._next_cycle = time.monotonic() + self.spec.every_s
             self._cycle()
+
+    def _announce(self) -> None:
+        """A new leader records its term where its actions land before it acts:
+        from then on the resource refuses every older term, whether or not this
+        leader has sent anything yet (a deposed leader that wakes late cannot
+        slip a command in before the first of the new one's). A higher term
+        already there means this election is stale: resign."""
+        if not self.fence.accept(self.group, self.election.term):
+            log.warning(
+                "controller %s: %s elected for %s with term %d, below the resource's; resigns",
+                self.spec.name, self.identity, self.group, self.election.term,
+            )  # fmt: skip
+            self.election.resign()
 
     def _cycle(self) -> None:
         ctx = ControllerContext(

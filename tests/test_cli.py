@@ -224,6 +224,21 @@ def test_bench_fanout_measures_enqueue_many_against_send_task(tmp_path: Path) ->
     assert result["ratio"] > 1, rates
 
 
+def test_bench_batch_reports_keys_per_second_against_plain_celery(tmp_path: Path) -> None:
+    """`bench batch --json`: guarded keys through the batch agent against plain
+    Celery messages on the same worker; even a short run is faster per key."""
+    env = embedded_env(tmp_path / ".fleet")
+    args = ("bench", "batch", "--tasks", "400", "--rounds", "1", "--json")
+    done = fleetworks(*args, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["batch_size"] == 100
+    assert result["ratio"] == pytest.approx(
+        result["batched_keys_per_s"] / result["plain_tps"], rel=0.01
+    )
+    assert result["ratio"] > 1.5, result
+
+
 def test_bench_cost_counts_what_a_guarded_task_costs(tmp_path: Path) -> None:
     """`bench cost --json`: counted per task, so exact on any machine."""
     env = embedded_env(tmp_path / ".fleet")
@@ -249,6 +264,11 @@ def test_bench_cost_counts_what_a_guarded_task_costs(tmp_path: Path) -> None:
     # Each guarded task leaves its outcome row; a plain one leaves nothing.
     assert guarded["database_bytes"] > 100 and plain["database_bytes"] < 50, (plain, guarded)
     assert result["worker"]["rss_mib"]["total"] > result["worker"]["rss_mib"]["main"] > 0
+    # A batch agent: per batch of 100 keys, two transactions (the claims; the
+    # outcomes) and a handful of round trips (take, lease, release, acknowledge).
+    batch = result["batch_agent"]
+    assert batch["sql_transactions"] == pytest.approx(0.02, abs=0.001), batch
+    assert batch["redis_round_trips"] <= 0.06, batch
     assert "guard (in process)" in fleetworks("bench", "cost", "--tasks", "5", env=env,
                                               cwd=tmp_path).stdout  # fmt: skip
 

@@ -195,15 +195,21 @@ def run_batch(app: Celery, settings: Settings, *, tasks: int, rounds: int) -> di
 #: message, ``send_task`` in kombu's ``Producer.batch`` (its pipelines), and
 #: ``enqueue_many``.
 FANOUT_WAYS = ("send_task", "send_task_batched", "enqueue_many")
+#: The task a fan-out publishes: the pricing agent's reprice.
+FANOUT_TASK = "pricing.reprice"
 
 
 def _publish_rate(app: Any, client: redis.Redis, n: int, way: str) -> float:
     """Messages per second publishing ``n`` reprice-sized tasks to a queue nobody reads."""
-    queue = f"bench.fanout.{uuid.uuid4().hex[:8]}"
+    from fleetworks.app import fleet_of
+
+    # Where the pricing agent's messages go (a batch agent's own queue), for every way.
+    queue = fleet_of(app).queue_for(FANOUT_TASK, f"bench.fanout.{uuid.uuid4().hex[:8]}")
+    assert queue is not None
     payloads = [{"product_id": f"sku-{i:06d}", "tick": "t@0", "window": 0} for i in range(n)]
     started = time.perf_counter()
     if way == "enqueue_many":
-        enqueue_many(app, "pricing.reprice", payloads, queue=queue)
+        enqueue_many(app, FANOUT_TASK, payloads, queue=queue)
     else:
         with app.producer_or_acquire() as producer:
             batch: AbstractContextManager[Any] = (
@@ -211,7 +217,7 @@ def _publish_rate(app: Any, client: redis.Redis, n: int, way: str) -> float:
             )
             with batch:
                 for p in payloads:
-                    app.send_task("pricing.reprice", kwargs={"payload": p}, queue=queue,
+                    app.send_task(FANOUT_TASK, kwargs={"payload": p}, queue=queue,
                                   producer=producer)  # fmt: skip
     elapsed = time.perf_counter() - started
     assert client.llen(queue) == n, "every message must be in the queue"

@@ -178,6 +178,45 @@ def _guard(app: Celery, settings: Settings, server: Server, n: int) -> dict[str,
     return window.per(n)
 
 
+def _batch(app: Celery, settings: Settings, server: Server, n: int) -> dict[str, Any]:
+    """Per key through a batch agent (``probe.batch``), in process: each run is
+    handed one message, as Celery would, and takes the rest of its batch from
+    the agent's queue, where they were published beforehand (not counted)."""
+    from fleetworks.agent import AgentTask
+    from fleetworks.app import fleet_of
+    from fleetworks.guard import Delivery
+
+    fleet = fleet_of(app)
+    spec = fleet.require_agent(probe.BATCHED)
+    task = app.tasks[probe.BATCHED]
+    assert isinstance(task, AgentTask)
+    size = probe.BATCH_SIZE
+    queue = fleet.queue_for(probe.BATCHED, f"bench.cost.{uuid.uuid4().hex[:8]}")
+    tag = uuid.uuid4().hex[:8]
+
+    def batches(prefix: str, count: int) -> list[Delivery]:
+        firsts = []
+        for b in range(count):
+            rest = [{"id": f"{prefix}-{tag}-{b}-{i}", "effect": False} for i in range(1, size)]
+            enqueue_many(app, probe.BATCHED, rest, queue=queue)
+            first = {"payload": {"id": f"{prefix}-{tag}-{b}-0", "effect": False}}
+            firsts.append(Delivery(task_id=f"{prefix}-{tag}-{b}", worker="bench-cost", args=(),
+                                   kwargs=first, queue=queue))  # fmt: skip
+        return firsts
+
+    def run(firsts: list[Delivery]) -> None:
+        for first in firsts:
+            fleet.batches.run(spec, type(task).behaviour, first)
+
+    run(batches("warm", 1))
+    count = max(1, n // size)
+    firsts = batches("cost", count)  # all published first; each run takes the next 99
+    window = Window()
+    with _in_process(server, settings.database, window):
+        run(firsts)
+    return window.per(count * size)
+
+
 def _enqueue(app: Celery, settings: Settings, server: Server, n: int) -> dict[str, Any]:
     queue = f"bench.cost.{uuid.uuid4().hex[:8]}"
     client = server.client
@@ -334,6 +373,7 @@ def run_cost(app: Celery, settings: Settings, *, tasks: int) -> dict[str, Any]:
         "tasks": tasks,
         "database": "postgresql" if is_postgres(settings.database) else "sqlite",
         "guard": _guard(app, settings, server, tasks),
+        "batch_agent": _batch(app, settings, server, tasks),
         **_enqueue(app, settings, server, tasks),
         "worker": _workers(app, settings, server, tasks),
     }
@@ -343,6 +383,7 @@ def render(result: dict[str, Any]) -> str:
     lines = [f"cost per task, counted over {result['tasks']} ({result['database']})"]
     rows: list[tuple[str, dict[str, Any]]] = [
         ("guard (in process)", result["guard"]),
+        ("batch agent, per key", result["batch_agent"]),
         ("enqueue, one by one", result["enqueue"]),
         ("enqueue_many", result["enqueue_many"]),
         ("worker: plain Celery", result["worker"]["plain_celery"]),
