@@ -279,9 +279,10 @@ class Fleet:
         # A refused payload is the sender's error: logged without a traceback.
         options["throws"] = (*options.pop("throws", ()), RejectedError)
 
-        if spec.batch is not None:
-            # Its own queue beside the one it would use (fleetworks.batch):
-            # routed there by the fleet's router, whatever the caller.
+        if spec.batch is not None and self.batching:
+            # Its own queue beside the one it would use (fleetworks.batch),
+            # routed there by the fleet's router, whatever the caller; on
+            # RabbitMQ it runs one message per run on the queue it would use.
             base = options.pop("queue", None) or self.settings.queue
             self.batch_queues[spec.name] = batch_queue(str(base), spec.name)
 
