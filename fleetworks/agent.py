@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 from celery import Celery, Task
 from kombu.transport.native_delayed_delivery import MAX_NUMBER_OF_BITS_TO_USE
 
-from fleetworks import kombu_redis, logs, message, reaper, retention
+from fleetworks import kombu_redis, logs, message, reaper, retention, tracing
 from fleetworks.batch import BatchGuard, batch_queue
 from fleetworks.constants import BATCH_INFIX, SENT_AT_HEADER
 from fleetworks.context import AgentSpec, RunContext
@@ -138,6 +138,7 @@ class AgentTask(GuardedTask):
             queue=_queue_name(queue_of(info.get("routing_key"))),
             delivery_tag=str(info.get("delivery_tag") or ""),
             sent_at=_sent_at(request),
+            trace=tracing.request_carrier(request),
         )
         with logs.bind_run(agent=self.name, task_id=delivery.task_id, worker=delivery.worker):
             return self._guarded(delivery, kwargs)

@@ -71,7 +71,7 @@ import redis
 from celery import Celery, bootsteps
 from sqlalchemy import Connection
 
-from fleetworks import claims, events, kombu_redis, logs, outbox
+from fleetworks import claims, events, kombu_redis, logs, outbox, tracing
 from fleetworks.claims import ClaimRequest, ClaimVerdict, StaleWriteError
 from fleetworks.constants import BATCH_INFIX, SENT_AT_HEADER
 from fleetworks.context import AgentSpec, RunContext
@@ -151,6 +151,7 @@ class Item:
 class _Batch:
     spec: AgentSpec
     items: list[Item]
+    spans: tracing.BatchSpans
     events: list[tuple[Item, EventKind, str]] = field(default_factory=list)
 
     def run_id(self, item: Item) -> RunId:
@@ -261,6 +262,7 @@ class BatchGuard:
             queue=first.queue,
             delivery_tag=tag,
             sent_at=float(sent) if isinstance(sent, int | float) else None,
+            trace=tracing.message_carrier(headers),
         )
         return Item(delivery, taken=tag)
 
@@ -269,9 +271,11 @@ class BatchGuard:
     def _once(self, spec: AgentSpec, behaviour: Behaviour, items: list[Item]) -> None:
         for item in items:
             item.result, item.retry, item.lease, item.emitted = None, None, None, False
-        batch = _Batch(spec, items)
+        batch = _Batch(spec, items, tracing.BatchSpans(spec.name, len(items)))
         live = self._parse(batch)
+        spans, started = batch.spans, batch.spans.mark("")
         live = self._lease(batch, live)
+        started = spans.mark("lease", started)
         try:
             engine = get_engine(self.guard.ledger.database_url)
             with engine.begin() as conn:
@@ -283,14 +287,21 @@ class BatchGuard:
                     self._event(conn, batch, item, kind, detail)
                 batch.events.clear()
                 running = self._claim(conn, batch, live)
+            spans.mark("claim", started)
             if running or batch.events:
                 with engine.connect() as conn, conn.begin():
                     quiet: list[tuple[Item, str, int, Any]] = []
                     for item in running:
                         self._behave(conn, batch, behaviour, item, quiet)
+                    started = spans.mark("")
                     self._settle_quiet(conn, batch, quiet)
                     for item, kind, detail in batch.events:
                         self._event(conn, batch, item, kind, detail)
+                spans.mark("settle", started)
+            self._trace_ends(batch)
+        except BaseException as exc:
+            spans.abort(exc)
+            raise
         finally:
             held = [item.lease for item in live if item.lease is not None]
             for lease in held:
@@ -318,6 +329,26 @@ class BatchGuard:
             seen.update((identity.entity, identity.key))
             live.append(item)
         return live
+
+    @staticmethod
+    def _trace_ends(batch: _Batch) -> None:
+        """Close the run span of every key read (see :class:`tracing.BatchSpans`)."""
+        if not batch.spans.on:
+            return
+        for item in batch.items:
+            if item.parsed is None:
+                continue  # rejected before it had a key: its message's run says so
+            ended: str | None = None
+            if item.retry is not None:
+                ended = f"retry in {item.retry.countdown:.1f}s: {item.retry}"
+            elif isinstance(item.result, Ended):
+                ended = f"{item.result.get('status')}: {item.result.get('detail')}"
+            elif isinstance(item.result, BaseException):
+                ended = f"dead: {item.result}"
+            identity = item.parsed.identity
+            token = item.lease.fencing_token if item.lease is not None else None
+            batch.spans.end(id(item), item.delivery.trace, identity.key, identity.entity,
+                            token=token, ended=ended)  # fmt: skip
 
     def _contended(self, spec: AgentSpec, item: Item) -> Retry | GiveUp:
         decision = self.guard.policy.decide(
@@ -424,7 +455,9 @@ class BatchGuard:
             logs.bind(idempotency_key=run.key, entity=parsed.identity.entity,
                       fencing_token=lease.fencing_token, attempt=item.attempts)  # fmt: skip
             try:
-                result = behaviour(ctx, parsed.payload)
+                traced = (item.delivery.trace, run.key, parsed.identity.entity)
+                with batch.spans.behaviour(id(item), *traced, lease.fencing_token):
+                    result = behaviour(ctx, parsed.payload)
                 if isinstance(result, events.Waiting):
                     result = result.as_result()
                 ctx.check_lease()

@@ -32,9 +32,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -106,6 +106,9 @@ class Delivery:
     delivery_tag: str = ""
     #: When the message was published (epoch seconds), if it says.
     sent_at: float | None = None
+    #: Its trace context headers (empty while tracing is off); a batch run
+    #: traces each of its messages in its own sender's trace.
+    trace: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,9 @@ Whose spans:
   ``fleetworks.behaviour`` and ``fleetworks.settle``, children of the run
   span, with ``fleetworks.agent``, ``fleetworks.idempotency_key``,
   ``fleetworks.entity`` and ``fleetworks.fencing_token`` (the run span gets
-  the first three too); ``beat tick <entry>``, the root of each tick's trace;
+  the first three too); for a batch agent (:mod:`fleetworks.batch`), whose
+  run carries many messages, a ``run/<agent>`` span per key of our own (see
+  :class:`BatchSpans`); ``beat tick <entry>``, the root of each tick's trace;
   ``enqueue_many <agent>`` around a fan-out (on a Redis broker its
   messages, but the first, carry this span's context, not a publish span
   each: see :mod:`fleetworks.enqueue`); ``relay <topic>``
@@ -66,6 +68,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Final
@@ -74,7 +77,7 @@ from celery import Celery
 from celery.signals import beat_init, worker_init, worker_process_init, worker_process_shutdown
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Link, Span, SpanKind, Status, StatusCode
 
 from fleetworks.settings import Settings, get_settings
 
@@ -300,6 +303,148 @@ def relaying(data: Mapping[str, Any], topic: str, event_id: str) -> AbstractCont
     return _span(f"relay {topic}", attributes, parent=parent, kind=SpanKind.PRODUCER)
 
 
+def request_carrier(request: Any) -> dict[str, str]:
+    """The trace context a delivered message carries (its ``traceparent`` and
+    ``tracestate`` headers, which Celery sets on the task request); empty
+    when tracing is off."""
+    if _provider is None:
+        return {}
+    found = {name: getattr(request, name, None) for name in ("traceparent", "tracestate")}
+    return {name: value for name, value in found.items() if isinstance(value, str)}
+
+
+def message_carrier(headers: Mapping[str, Any]) -> dict[str, str]:
+    """The trace context in a raw message's headers; empty when tracing is off."""
+    if _provider is None:
+        return {}
+    found = {name: headers.get(name) for name in ("traceparent", "tracestate")}
+    return {name: value for name, value in found.items() if isinstance(value, str)}
+
+
+class BatchSpans:
+    """The spans of one batch run: each key traced as if it ran alone.
+
+    A batch run is one Celery run (the delivered message's ``run/<agent>``
+    span, renamed ``batch/<agent>`` and given ``fleetworks.batch_size``) that
+    settles many messages. Each message whose key was read gets a
+    ``run/<agent>`` span of its own, whose parent is that message's publish
+    context (so it sits in its sender's trace, as a single run would) and
+    which links to the batch span; under it the guard stages in their order.
+    ``lease``, ``claim`` and ``settle`` are shared by the batch (one script,
+    one statement, one transaction): their spans carry the shared start and
+    end and ``fleetworks.batch_size``; ``behaviour`` is the key's own, current
+    while it runs so what it does (a fan-out, an event) is its child. A key
+    the guard ended or deferred has ``fleetworks.ended`` on its span. Every
+    method returns at once while tracing is off.
+    """
+
+    def __init__(self, agent: str, size: int) -> None:
+        self.on = _provider is not None
+        self.agent, self.size = agent, size
+        self._marks: dict[str, tuple[int, int]] = {}
+        self._open: dict[int, Span] = {}
+        self._batch: Span = INVALID_SPAN
+        if self.on:
+            self._batch = trace.get_current_span()
+            self._batch.update_name(f"batch/{agent}")
+            self._batch.set_attribute("fleetworks.agent", agent)
+            self._batch.set_attribute("fleetworks.batch_size", size)
+
+    def mark(self, stage: str, start: int | None = None) -> int:
+        """Record the shared ``stage`` as running from ``start`` (an earlier
+        return of this method) to now; returns now, in nanoseconds."""
+        now = time.time_ns()
+        if self.on and start is not None:
+            self._marks[stage] = (start, now)
+        return now
+
+    def _attributes(self, key: str, entity: str, token: int | None) -> dict[str, str | int]:
+        attributes: dict[str, str | int] = {
+            "fleetworks.agent": self.agent, "fleetworks.idempotency_key": key,
+            "fleetworks.entity": entity,
+        }  # fmt: skip
+        if token is not None:
+            attributes["fleetworks.fencing_token"] = token
+        return attributes
+
+    def _item(
+        self, ref: int, carrier: Mapping[str, str], key: str, entity: str, token: int | None
+    ) -> Span:
+        span = self._open.get(ref)
+        if span is not None:
+            return span
+        tracer = _tracer()
+        parent = propagate.extract(carrier) if carrier else otel_context.Context()
+        attributes = self._attributes(key, entity, token)
+        first = min((start for start, _ in self._marks.values()), default=time.time_ns())
+        span = tracer.start_span(
+            f"run/{self.agent}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes,
+            links=[Link(self._batch.get_span_context())], start_time=first,
+        )  # fmt: skip
+        self._open[ref] = span
+        inside = trace.set_span_in_context(span)
+        shared = {**attributes, "fleetworks.batch_size": self.size}
+        for stage in ("lease", "claim"):
+            if stage == "claim" and token is None:
+                break  # no lease: it never reached the claim
+            if stage in self._marks:
+                start, end = self._marks[stage]
+                tracer.start_span(
+                    f"fleetworks.{stage}", context=inside, attributes=shared, start_time=start
+                ).end(end_time=end)
+        return span
+
+    @contextmanager
+    def behaviour(
+        self, ref: int, carrier: Mapping[str, str], key: str, entity: str, token: int
+    ) -> Iterator[None]:
+        """Around one key's behaviour: its run span (opened here) and its stage span."""
+        if not self.on:
+            yield
+            return
+        span = self._item(ref, carrier, key, entity, token)
+        with (
+            trace.use_span(span, end_on_exit=False),
+            _span("fleetworks.behaviour", self._attributes(key, entity, token)),
+        ):
+            yield
+
+    def end(
+        self,
+        ref: int,
+        carrier: Mapping[str, str],
+        key: str,
+        entity: str,
+        *,
+        token: int | None,
+        ended: str | None,
+    ) -> None:
+        """Close one key's run span (opening it if its key never ran), with the
+        shared settle stage when it was settled, or ``fleetworks.ended``."""
+        if not self.on:
+            return
+        span = self._item(ref, carrier, key, entity, token)
+        if ended is not None:
+            span.set_attribute("fleetworks.ended", ended)
+        elif "settle" in self._marks:
+            start, end = self._marks["settle"]
+            shared = {**self._attributes(key, entity, token), "fleetworks.batch_size": self.size}
+            _tracer().start_span(
+                "fleetworks.settle", context=trace.set_span_in_context(span),
+                attributes=shared, start_time=start,
+            ).end(end_time=end)  # fmt: skip
+        span.end()
+        del self._open[ref]
+
+    def abort(self, exc: BaseException) -> None:
+        """End every span still open with ``exc`` (the batch did not settle)."""
+        for span in self._open.values():
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            span.end()
+        self._open.clear()
+
+
 # -- the processes Celery starts ------------------------------------------------
 
 
@@ -346,4 +491,4 @@ def _in_beat(sender: Any = None, **_: Any) -> None:
     setup_tracing(_settings_of(getattr(sender, "app", None)), "fleetworks-beat")
 
 
-__all__ = ["EVENT_TRACE_KEY", "enabled", "flush", "setup_tracing", "shutdown_tracing"]
+__all__ = ["EVENT_TRACE_KEY", "BatchSpans", "enabled", "flush", "setup_tracing", "shutdown_tracing"]

@@ -20,7 +20,7 @@ from sqlalchemy import insert
 
 from agents import pricing
 from config.settings import pricing as settings
-from fleetworks import AgentSpec, RunContext, Tick, enqueue_many, shared_agent, state
+from fleetworks import AgentSpec, Batch, RunContext, Tick, enqueue_many, shared_agent, state
 from fleetworks.claims import now
 from fleetworks.events import Event
 from tasks.schema import PRICE_ALERTS, PRICE_CHANGES
@@ -44,6 +44,10 @@ def catalogue(size: int) -> pricing.Catalogue:
 def window_of(tick: Tick) -> int:
     """The market window a tick sees: its slot in pricing intervals since the epoch."""
     return int(tick.slot.timestamp() // settings.interval_s)
+
+
+#: Products one reprice run takes at most.
+REPRICE_BATCH = 100
 
 
 def reprice_key(product_id: str, tick: str) -> str:
@@ -82,6 +86,8 @@ def poll(ctx: RunContext, tick: PricingTick) -> dict[str, Any]:
         entity=lambda r: f"product:{r.product_id}",
         on_contention="retry",
         time_limit_s=30.0,
+        # Many products per run, each still priced once per tick (fleetworks.batch).
+        batch=Batch(size=REPRICE_BATCH),
     )
 )
 def reprice(ctx: RunContext, job: pricing.Reprice) -> dict[str, Any]:

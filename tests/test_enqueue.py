@@ -11,6 +11,7 @@ from celery.signals import before_task_publish
 
 from config import app
 from fleetworks import constants as c
+from fleetworks.batch import batch_queue
 from fleetworks.enqueue import enqueue, enqueue_many
 from tests.conftest import BROKER_URL
 
@@ -34,6 +35,8 @@ def test_a_fan_out_larger_than_one_pipeline_arrives_whole_and_in_order() -> None
         ids = enqueue_many(
             app, "pricing.reprice", payloads, queue=queue, key=lambda p: f"{p['product_id']}|t@1"
         )
+        # (reprice is a batch agent: its messages go to its own queue beside ``queue``)
+        queue = batch_queue(queue, "pricing.reprice")
         messages = queued(client, queue)
         assert [m["id"] for m in messages] == ids
         assert [m["payload"] for m in messages] == payloads
@@ -73,6 +76,7 @@ def test_a_fan_out_goes_through_send_task_when_a_foreign_publish_receiver_listen
     try:
         payloads = [{"product_id": f"sku-{i}", "tick": "t@2", "window": 2} for i in range(5)]
         ids = enqueue_many(app, "pricing.reprice", payloads, queue=queue)
+        queue = batch_queue(queue, "pricing.reprice")
         assert seen == ids
         headers = [json.loads(raw)["headers"] for raw in client.lrange(queue, 0, -1)]
         assert [h["x-tenant"] for h in headers] == ["acme"] * 5

@@ -85,14 +85,16 @@ def test_enqueue_many_builds_the_message_kombu_would_push() -> None:
     the rest itself (7. in the adapter): the same JSON, key for key, in the
     same order, but for what differs per message."""
     from config import app as fleet_app
+    from fleetworks.batch import batch_queue
     from fleetworks.enqueue import enqueue_many
 
-    queue = f"contract-{uuid.uuid4().hex[:6]}"
+    base = f"contract-{uuid.uuid4().hex[:6]}"
+    queue = batch_queue(base, "pricing.reprice")  # (a batch agent's own queue)
     client = redis.Redis.from_url(BROKER_URL)
     payloads = [{"product_id": f"p-{i}", "tick": "t", "window": i} for i in range(2)]
     try:
         ids = enqueue_many(
-            fleet_app, "pricing.reprice", payloads, queue=queue, key=lambda p: p["product_id"]
+            fleet_app, "pricing.reprice", payloads, queue=base, key=lambda p: p["product_id"]
         )
         by_send_task, built = (json.loads(raw) for raw in reversed(client.lrange(queue, 0, -1)))
     finally:

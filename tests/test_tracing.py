@@ -209,6 +209,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
 from fleetworks import tracing
 from fleetworks.app import create_app
+from fleetworks.batch import batch_queue
 from fleetworks.enqueue import enqueue, enqueue_many
 from fleetworks.settings import Settings
 
@@ -220,8 +221,9 @@ enqueue(app, "pricing.poll", {"tick": "t", "slot": "2027-03-01T12:00:00Z", "entr
                                "products": 1})
 enqueue_many(app, "pricing.reprice", [{"product_id": "p-1", "tick": "t", "window": 1}])
 client = redis.Redis.from_url(app.conf.broker_url)
-headers = [json.loads(raw)["headers"] for raw in client.lrange(queue, 0, -1)]
-client.delete(queue)
+queues = [queue, batch_queue(queue, "pricing.reprice")]  # reprice is a batch agent
+headers = [json.loads(raw)["headers"] for q in queues for raw in client.lrange(q, 0, -1)]
+client.delete(*queues)
 print(json.dumps({
     "provider": type(trace.get_tracer_provider()).__name__,
     "instrumented": CeleryInstrumentor().is_instrumented_by_opentelemetry,
