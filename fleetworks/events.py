@@ -187,6 +187,10 @@ def emitted_id(agent: str, idempotency_key: str, index: int) -> str:
     return str(uuid.uuid5(_EMIT_NAMESPACE, f"{agent}\x1f{idempotency_key}\x1f{index}"))
 
 
+#: Built once; executed with each event's values.
+_INSERT_EVENT = insert(EVENTS)
+
+
 def store(
     conn: Connection,
     topic: str,
@@ -210,7 +214,7 @@ def store(
         "source_agent": source_agent, "source_key": source_key, "created_at": datetime.now(UTC),
     }  # fmt: skip
     if not if_new:
-        conn.execute(insert(EVENTS).values(**values))
+        conn.execute(_INSERT_EVENT, values)
         _notify(conn)
         return True
     stmt = upsert(conn, EVENTS).values(**values)

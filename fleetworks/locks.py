@@ -275,6 +275,9 @@ class Heartbeat:
                 lease.lost.set()
             return
         if not ok:
+            with self._mutex:
+                if lease.token not in self._leases:
+                    return  # released (and unwatched) while this renewal was on its way
             log.warning("lease on %s lost: the lock expired or was taken over", lease.entity)
             lease.lost.set()
             self.unwatch(lease)

@@ -40,11 +40,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, bindparam, insert, select
 from sqlalchemy import update as sql_update
 
 from fleetworks.claims import StaleWriteError, now
-from fleetworks.db import transaction, upsert
+from fleetworks.db import transaction, upsert_for
 from fleetworks.models import AGENT_STATE, AGENT_STATE_HISTORY
 
 _state = AGENT_STATE
@@ -97,17 +97,58 @@ class Revision:
     written_at: datetime
 
 
-def _key(agent: str, entity: str) -> Any:
-    return (_state.c.agent == agent) & (_state.c.entity_key == entity)
+# The statements are built once, with bound parameters, and executed with each
+# call's values: building a Core statement per call (and its cache key) cost
+# more than running it on a hot path such as a batch of reprices.
+_AT = _state.c.agent == bindparam("p_agent")
+_KEY = _AT & (_state.c.entity_key == bindparam("p_entity"))
+_READ = select(_state.c.state, _state.c.version, _state.c.fencing_token).where(_KEY)
+_READ_LOCKED = _READ.with_for_update()
+_NEW_VALUES = {
+    "version": bindparam("p_version"),
+    "state": bindparam("p_state", type_=_state.c.state.type),
+    "fencing_token": bindparam("p_token"),
+    "writer": bindparam("p_writer"),
+    "updated_at": bindparam("p_at", type_=_state.c.updated_at.type),
+}
+_CAS = (
+    sql_update(_state)
+    .where(_KEY & (_state.c.version == bindparam("p_expected")))
+    .where(_state.c.fencing_token <= bindparam("p_token"))
+    .values(_NEW_VALUES)
+)
+_FIRST: dict[str, Any] = {}
+_HISTORY = insert(_history).values(
+    agent=bindparam("p_agent"),
+    entity_key=bindparam("p_entity"),
+    version=bindparam("p_version"),
+    state=bindparam("p_state", type_=_history.c.state.type),
+    fencing_token=bindparam("p_token"),
+    writer=bindparam("p_writer"),
+    written_at=bindparam("p_at", type_=_history.c.written_at.type),
+)
+
+
+def _first_write(dialect: str) -> Any:
+    """INSERT .. ON CONFLICT DO NOTHING RETURNING version, for ``dialect``."""
+    stmt = _FIRST.get(dialect)
+    if stmt is None:
+        new = upsert_for(dialect, _state).values(
+            agent=bindparam("p_agent"), entity_key=bindparam("p_entity"), **_NEW_VALUES
+        )
+        keys = [_state.c.agent, _state.c.entity_key]
+        stmt = _FIRST[dialect] = new.on_conflict_do_nothing(index_elements=keys).returning(
+            _state.c.version
+        )
+    return stmt
 
 
 def read(conn: Connection, agent: str, entity: str, *, for_update: bool = False) -> Versioned:
     """The current state of ``entity`` for ``agent``; ``for_update`` also locks
     its row until the transaction ends (PostgreSQL; SQLite's writer already
     holds the database)."""
-    stmt = select(_state.c.state, _state.c.version, _state.c.fencing_token)
-    stmt = stmt.where(_key(agent, entity))
-    row = conn.execute(stmt.with_for_update() if for_update else stmt).first()
+    stmt = _READ_LOCKED if for_update else _READ
+    row = conn.execute(stmt, {"p_agent": agent, "p_entity": entity}).first()
     if row is None:
         return Versioned({}, 0, None)
     return Versioned(dict(row.state), int(row.version), int(row.fencing_token))
@@ -133,34 +174,20 @@ def write(
     if expected_version < 0:
         raise ValueError(f"expected_version must be >= 0, not {expected_version}")
     version = expected_version + 1
-    at = now()
-    values = {"version": version, "state": state, "fencing_token": fencing_token}
-    values |= {"writer": writer, "updated_at": at}
+    values = {
+        "p_agent": agent, "p_entity": entity, "p_version": version, "p_state": state,
+        "p_token": fencing_token, "p_writer": writer, "p_at": now(),
+    }  # fmt: skip
     if expected_version == 0:
         # ON CONFLICT DO NOTHING, not a caught unique violation: on PostgreSQL
         # an error would abort the caller's whole transaction. RETURNING, not
         # rowcount, tells whether it inserted: the driver may report -1.
-        new = upsert(conn, _state).values(agent=agent, entity_key=entity, **values)
-        keys = [_state.c.agent, _state.c.entity_key]
-        new_stmt = new.on_conflict_do_nothing(index_elements=keys).returning(_state.c.version)
-        done = len(conn.execute(new_stmt).all())
+        done = len(conn.execute(_first_write(conn.dialect.name), values).all())
     else:
-        cas = _key(agent, entity) & (_state.c.version == expected_version)
-        cas &= _state.c.fencing_token <= fencing_token
-        done = conn.execute(sql_update(_state).where(cas).values(values)).rowcount
+        done = conn.execute(_CAS, values | {"p_expected": expected_version}).rowcount
     if done != 1:
         _refuse(conn, agent, entity, expected_version, fencing_token)
-    conn.execute(
-        insert(_history).values(
-            agent=agent,
-            entity_key=entity,
-            version=version,
-            state=state,
-            fencing_token=fencing_token,
-            writer=writer,
-            written_at=at,
-        )
-    )
+    conn.execute(_HISTORY, values)
     return Versioned(dict(state), version, fencing_token)
 
 

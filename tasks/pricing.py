@@ -46,6 +46,9 @@ def window_of(tick: Tick) -> int:
     return int(tick.slot.timestamp() // settings.interval_s)
 
 
+#: Built once: executed with each reprice's values (one statement per product).
+_RECORD_CHANGE = insert(PRICE_CHANGES)
+
 #: Products one reprice run takes at most.
 REPRICE_BATCH = 100
 
@@ -115,15 +118,16 @@ def reprice(ctx: RunContext, job: pricing.Reprice) -> dict[str, Any]:
                 "from_cents": dropped[0], "to_cents": dropped[1]}  # fmt: skip
         ctx.emit(PRICE_DROPPED, data, key=product.product_id)
     ctx.db.execute(
-        insert(PRICE_CHANGES).values(
-            product_id=product.product_id,
-            tick=job.tick,
-            old_cents=old[0],
-            new_cents=decided[0].price_cents,
-            version=written.version,
-            fencing_token=ctx.fencing_token,
-            created_at=now(),
-        )
+        _RECORD_CHANGE,
+        {
+            "product_id": product.product_id,
+            "tick": job.tick,
+            "old_cents": old[0],
+            "new_cents": decided[0].price_cents,
+            "version": written.version,
+            "fencing_token": ctx.fencing_token,
+            "created_at": now(),
+        },
     )
     return {"price_cents": decided[0].price_cents, "version": written.version,
             "limited_by": decided[0].limited_by, "conflicts": conflicts}  # fmt: skip

@@ -261,3 +261,31 @@ def test_concurrent_acquires_grant_exactly_one_lease(redis_client: redis.Redis) 
     locks = EntityLocks(redis_client)
     assert locks.current_fence("order:hot") == 1
     assert locks.holder("order:hot") == winners[0].token
+
+
+def test_a_lease_released_while_its_renewal_is_on_its_way_is_not_reported_lost(
+    locks: EntityLocks,
+) -> None:
+    from fleetworks.locks import Heartbeat
+
+    # Given a watched lease, and a renewal that finds it released meanwhile
+    # (the run ended between the heartbeat's snapshot and its renewal)
+    heartbeat = Heartbeat(lambda: locks, interval_s=3600)
+    lease = locks.acquire("order:hb", 10.0)
+    assert lease is not None
+    heartbeat.watch(lease)
+    ended = locks.acquire("order:hb2", 10.0)
+    assert ended is not None
+    heartbeat.watch(ended)
+    heartbeat.unwatch(ended)
+    locks.release(ended)
+    # When a renewal of each runs
+    heartbeat._renew(lease, time.monotonic())
+    heartbeat._renew(ended, time.monotonic())
+    # Then the released lease is not marked lost, the live one renewed
+    assert not ended.lost.is_set()
+    assert not lease.lost.is_set()
+    # and a watched lease whose lock is really gone still is
+    locks.release(lease)
+    heartbeat._renew(lease, time.monotonic())
+    assert lease.lost.is_set()
