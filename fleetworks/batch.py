@@ -283,10 +283,11 @@ class BatchGuard:
                 # runs: a message that kills its worker counts its deliveries
                 # (max_deliveries), and a holder that dies leaves claimed rows
                 # the reaper sees.
+                ordered = self._in_order(conn, batch, live)
                 for item, kind, detail in batch.events:
                     self._event(conn, batch, item, kind, detail)
                 batch.events.clear()
-                running = self._claim(conn, batch, live)
+                running = self._claim(conn, batch, ordered)
             spans.mark("claim", started)
             if running or batch.events:
                 with engine.connect() as conn, conn.begin():
@@ -390,6 +391,34 @@ class BatchGuard:
                     batch.defer(item, EventKind.LOCK_CONTENDED,
                                 f"entity {entity!r} is locked", decision)  # fmt: skip
         return [item for item in live if item.lease is not None]
+
+    def _in_order(self, conn: Connection, batch: _Batch, live: list[Item]) -> list[Item]:
+        """A subscriber runs one key's events in the order they were stored:
+        an item whose key has an earlier event not yet handled (in the
+        database, or earlier in this batch) is deferred, as a single run is."""
+        spec = batch.spec
+        fresh = [i for i in live if i.parsed is not None and i.parsed.resumed is None]
+        if not spec.on or not fresh:
+            return live
+        waits = events.earlier_unhandled_many(
+            conn, spec, [i.parsed.payload for i in fresh if i.parsed is not None]
+        )
+        if not waits:
+            return live
+        ordered: list[Item] = []
+        checked = {id(i) for i in fresh}
+        for item in live:
+            earlier = None
+            if id(item) in checked and item.parsed is not None:
+                earlier = waits.get(item.parsed.payload.id)
+            if earlier is None:
+                ordered.append(item)
+                continue
+            facts = Facts(Situation.OUT_OF_ORDER, retries=item.delivery.retries)
+            decision = self.guard.policy.decide(spec, facts)
+            assert isinstance(decision, Retry)
+            batch.defer(item, EventKind.DEFERRED, f"after event {earlier} of its key", decision)
+        return ordered
 
     def _claim(self, conn: Connection, batch: _Batch, live: list[Item]) -> list[Item]:
         spec = batch.spec

@@ -101,11 +101,6 @@ class AgentSpec:
     def __post_init__(self) -> None:
         self._check_limits()
         self._subscribe()
-        if self.batch is not None and self.on:
-            raise ValueError(
-                f"{self.name}: batch= is for agents fed by enqueue; a subscriber runs "
-                "each key's events in order, one at a time"
-            )
         if self.batch is not None and not isinstance(self.batch, Batch):
             raise ValueError(f"{self.name}: batch= takes fleetworks.Batch(size=, wait_s=)")
 

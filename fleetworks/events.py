@@ -449,6 +449,43 @@ def earlier_unhandled(url: str, spec: AgentSpec, event: Event) -> str | None:
     return next((keys[k] for k in keys if k not in done), None)
 
 
+def earlier_unhandled_many(conn: Connection, spec: AgentSpec, batch: list[Event]) -> dict[str, str]:
+    """:func:`earlier_unhandled` for many events at once (a batch subscriber's
+    run), in two statements: event id -> the earlier event it must wait for."""
+    keyed = [e for e in batch if e.key is not None and e.position is not None]
+    if not keyed:
+        return {}
+    last = max(e.position for e in keyed if e.position is not None)
+    rows = conn.execute(
+        select(EVENTS).where(
+            EVENTS.c.key.in_(sorted({str(e.key) for e in keyed}))
+            & (EVENTS.c.position < last)
+            & EVENTS.c.topic.in_(spec.on)
+        ).order_by(EVENTS.c.position)
+    ).all()
+    stored_ = [e for e in (to_event(r) for r in rows) if matches(spec, e)]
+    if not stored_:
+        return {}
+    keys = {subscription_key(spec.name, e.id): e for e in stored_}
+    done = set(
+        conn.execute(
+            select(OUTCOMES.c.idempotency_key).where(
+                OUTCOMES.c.idempotency_key.in_(list(keys)) & OUTCOMES.c.status.in_(TERMINAL)
+            )
+        ).scalars()
+    )
+    open_ = [e for k, e in keys.items() if k not in done]
+    waits: dict[str, str] = {}
+    for event in keyed:
+        assert event.position is not None
+        first = next(
+            (e for e in open_ if e.key == event.key and (e.position or 0) < event.position), None
+        )
+        if first is not None:
+            waits[event.id] = first.id
+    return waits
+
+
 def subscribers(fleet: Fleet) -> list[AgentSpec]:
     return [spec for spec in fleet.agents.values() if spec.on]
 

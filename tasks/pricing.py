@@ -133,7 +133,7 @@ def reprice(ctx: RunContext, job: pricing.Reprice) -> dict[str, Any]:
             "limited_by": decided[0].limited_by, "conflicts": conflicts}  # fmt: skip
 
 
-@shared_agent(AgentSpec(name=ALERT, payload=Event, on=(PRICE_DROPPED,)))
+@shared_agent(AgentSpec(name=ALERT, payload=Event, on=(PRICE_DROPPED,), batch=Batch(size=100)))
 def alert(ctx: RunContext, event: Event) -> dict[str, Any]:
     """Record one alert per announcement (UNIQUE on the event id)."""
     d = event.data

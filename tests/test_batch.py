@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
+from fleetworks import message
 from fleetworks.app import fleet_of
 from fleetworks.batch import batch_queue
 from fleetworks.context import AgentSpec, Batch
@@ -170,8 +172,8 @@ def test_a_batch_spec_is_checked() -> None:
         Batch(wait_s=-1)
     from fleetworks.events import Event
 
-    with pytest.raises(ValueError, match="subscriber"):
-        AgentSpec(name="x", payload=Event, on=("t",), batch=Batch())
+    # (a subscriber may batch: its runs stay in order per event key)
+    assert AgentSpec(name="x", payload=Event, on=("t",), batch=Batch()).batch == Batch()
     assert Probe(id="a").id == "a"
 
 
@@ -187,3 +189,56 @@ def test_a_batch_agents_messages_are_routed_to_its_queue_whoever_sends_them() ->
     assert fleet.queue_for(BATCHED, "other") == batch_queue("other", BATCHED)
     assert fleet.queue_for(BATCHED, None) == own
     assert fleet.queue_for("probe.run", "other") == "other"
+
+
+def test_a_batch_subscriber_handles_each_event_once_and_one_keys_events_in_order(
+    worker: Worker,
+) -> None:
+    from config import app
+    from fleetworks import events
+    from tasks.pricing import ALERT, PRICE_DROPPED
+    from tasks.schema import PRICE_ALERTS
+
+    url, fleet = worker.database_url, fleet_of(app)
+    spec = fleet.require_agent(ALERT)
+    tag = uuid.uuid4().hex[:6]
+    # Given 60 price drops of 20 products (3 each), stored in that order
+    with transaction(url) as conn:
+        for i in range(60):
+            data = {"product": f"{tag}-{i % 20}", "tick": f"t{i // 20}",
+                    "from_cents": 1000, "to_cents": 900 - i}  # fmt: skip
+            events.store(conn, PRICE_DROPPED, data, event_id=f"{tag}-e{i}", key=data["product"])
+    stored_ = [e for e in events.stored(url) if e.id.startswith(tag)]
+    assert len(stored_) == 60
+    # When each is sent to the alert agent (a batch subscriber), newest first,
+    # as a relay that fell behind and a replay might
+    queue = fleet.queue_for(ALERT, worker.queue)
+    for event in reversed(stored_):
+        app.send_task(ALERT, kwargs=message.pack(event.model_dump(),
+                      events.subscription_key(ALERT, event.id)), queue=queue)  # fmt: skip
+
+    def alerts() -> list[Any]:
+        with transaction(url) as conn:
+            return list(conn.execute(
+                select(PRICE_ALERTS.c.event_id, PRICE_ALERTS.c.product_id)
+                .where(PRICE_ALERTS.c.event_id.startswith(tag)).order_by(PRICE_ALERTS.c.id)
+            ))  # fmt: skip
+
+    wait_for(lambda: len(alerts()) == 60, 90, "60 alerts recorded")
+    # Then each event was handled once, and one product's events in the order stored
+    rows = alerts()
+    assert sorted(r.event_id for r in rows) == sorted(e.id for e in stored_)
+    position = {e.id: e.position for e in stored_}
+    for product in {r.product_id for r in rows}:
+        seen = [position[r.event_id] for r in rows if r.product_id == product]
+        assert seen == sorted(seen), f"{product}'s events out of order"
+    # (the newer ones were put back behind the older: deferred, not dropped)
+    with transaction(url) as conn:
+        put_back = conn.execute(
+            select(func.count()).where(
+                _e.kind.in_([EventKind.DEFERRED, EventKind.LOCK_CONTENDED])
+                & _e.idempotency_key.startswith(f"{ALERT}|{tag}")
+            )
+        ).scalar_one()
+    assert put_back > 0
+    assert spec.batch is not None
