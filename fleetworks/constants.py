@@ -104,6 +104,10 @@ SENT_AT_HEADER: Final = "fleet_sent_at"
 #: of one machine share one file; writes are short, so 30 s is never reached
 #: unless something is wrong.
 SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
+#: Seconds between looks at SQLite's write lock while a writer waits for it:
+#: the first pause, doubled up to the last (see ``fleetworks.db``).
+SQLITE_LOCK_POLL_MIN_S: Final = 0.0002
+SQLITE_LOCK_POLL_MAX_S: Final = 0.002
 
 # --- Embedded services ------------------------------------------------------
 

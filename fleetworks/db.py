@@ -15,6 +15,7 @@ closing its sockets.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from fleetworks import constants as c
 
@@ -54,10 +56,41 @@ def _sqlite_engine(url: str) -> Engine:
     def _on_begin(conn: Connection) -> None:
         # A read takes no write lock: a writer stopped mid-transaction (SIGSTOP,
         # a partition) must not stop every reader with it.
-        read_only = conn.get_execution_options().get(_READ_ONLY, False)
-        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        if conn.get_execution_options().get(_READ_ONLY, False):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            _begin_immediate(conn)
 
     return engine
+
+
+def _begin_immediate(conn: Connection) -> None:
+    """``BEGIN IMMEDIATE``, waiting for the write lock in short steps.
+
+    SQLite's own busy handler sleeps 1, 2, 5, 10 ... up to 100 ms between
+    looks at the lock: with writers whose transactions last tens of
+    milliseconds (a batch's), a waiter slept on long after the lock was free,
+    and the one writer the database allows sat idle. Here the wait is the
+    same budget (``SQLITE_BUSY_TIMEOUT_MS``), looked at every
+    :data:`~fleetworks.constants.SQLITE_LOCK_POLL_MAX_S` at most.
+    """
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    raw.execute("PRAGMA busy_timeout=0")
+    try:
+        deadline = time.monotonic() + c.SQLITE_BUSY_TIMEOUT_MS / 1000
+        pause = c.SQLITE_LOCK_POLL_MIN_S
+        while True:
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                return
+            except OperationalError as exc:
+                if "locked" not in str(exc.orig) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, c.SQLITE_LOCK_POLL_MAX_S)
+    finally:
+        raw.execute(f"PRAGMA busy_timeout={c.SQLITE_BUSY_TIMEOUT_MS}")
 
 
 def get_engine(url: str) -> Engine:

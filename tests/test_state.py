@@ -198,3 +198,39 @@ def test_counter_incremented_from_several_processes_ends_exact(database_url: str
     assert [r.version for r in revisions] == list(range(1, total + 1))
     assert [r.state["count"] for r in revisions] == list(range(1, total + 1))
     assert len({r.writer for r in revisions}) == PROCESSES
+
+
+def test_a_sqlite_writer_waits_for_the_write_lock_within_its_budget(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``BEGIN IMMEDIATE`` waits for another writer in short steps, gives up
+    with SQLite's own ``database is locked`` past the budget, and leaves the
+    connection's busy timeout as it was."""
+    import threading
+
+    from sqlalchemy.exc import OperationalError
+
+    from fleetworks import constants as c
+
+    url = f"sqlite:///{tmp_path / 'lock.db'}"
+    engine = db.get_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (n INTEGER)")
+    holder = engine.connect()
+    holder.begin()
+    holder.exec_driver_sql("INSERT INTO t VALUES (1)")
+    # Given a writer holding the lock: a second one, with a budget of 0.2 s, fails
+    monkeypatch.setattr(c, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    with pytest.raises(OperationalError, match="locked"), engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO t VALUES (2)")
+    # and with its full budget, it gets the lock once the first commits
+    monkeypatch.setattr(c, "SQLITE_BUSY_TIMEOUT_MS", 30_000)
+    threading.Timer(0.3, holder.commit).start()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO t VALUES (3)")
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        assert raw.execute("PRAGMA busy_timeout").fetchone() == (30_000,)
+    holder.close()
+    with engine.begin() as conn:
+        assert [r[0] for r in conn.exec_driver_sql("SELECT n FROM t ORDER BY n")] == [1, 3]
