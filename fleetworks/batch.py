@@ -26,7 +26,11 @@ that queue and handles them together:
 
 An item whose entity is held elsewhere, or twice in the batch, is deferred
 alone (re-queued with the contention back-off); a payload the agent refuses
-is one ``rejected`` row, as for single runs.
+is one ``rejected`` row, as for single runs. A subscriber's item whose event
+key has an earlier event it has not handled (stored before it, not yet
+settled, perhaps earlier in the same batch) is deferred alone, as a single
+subscriber run is (:func:`fleetworks.events.earlier_unhandled_many`: two
+statements for the batch, inside the claims' transaction).
 
 So a batch costs two transactions, whatever its size: the claims, then the
 settlement.
