@@ -457,11 +457,13 @@ def earlier_unhandled_many(conn: Connection, spec: AgentSpec, batch: list[Event]
         return {}
     last = max(e.position for e in keyed if e.position is not None)
     rows = conn.execute(
-        select(EVENTS).where(
+        select(EVENTS)
+        .where(
             EVENTS.c.key.in_(sorted({str(e.key) for e in keyed}))
             & (EVENTS.c.position < last)
             & EVENTS.c.topic.in_(spec.on)
-        ).order_by(EVENTS.c.position)
+        )
+        .order_by(EVENTS.c.position)
     ).all()
     stored_ = [e for e in (to_event(r) for r in rows) if matches(spec, e)]
     if not stored_:
