@@ -326,3 +326,45 @@ def test_the_demo_counts_a_device_that_lost_its_last_command(database_url: str) 
             DEVICES.update().where(DEVICES.c.device_id == "dev-000004").values(last_term=1)
         )
     assert lost_commands(database_url, 0) == 2
+
+
+def test_the_demo_tells_a_command_in_flight_at_the_stop_from_a_late_one(
+    database_url: str,
+) -> None:
+    """A command the stopped replica began before SIGSTOP and that landed after
+    it (its transaction held through the stop) is in flight, not late; one it
+    began after waking, with its old term, is late and must be refused."""
+    from datetime import UTC, datetime, timedelta
+
+    from agents import iot
+    from fleetworks.db import transaction
+    from fleetworks.proving.demo_iot import Late, late_commands
+    from tasks.schema import DEVICE_COMMANDS
+
+    iot.seed_devices(database_url, 4, 1)
+    group = iot.GROUP_PREFIX + "eu"
+    with transaction(database_url) as conn:
+        since = int(conn.execute(
+            DEVICE_COMMANDS.select().with_only_columns(DEVICE_COMMANDS.c.id)
+            .order_by(DEVICE_COMMANDS.c.id.desc()).limit(1)
+        ).scalar() or 0)  # fmt: skip
+    stopped_at = datetime(2027, 3, 1, 12, 0, tzinfo=UTC)
+    # Given the stopped replica (pid 41) held term 3: one command begun before
+    # the stop and taken, one begun after waking and refused, one from another
+    # replica, and one with a newer term it won later
+    rows = [
+        ("r/41", 3, True, stopped_at - timedelta(seconds=1)),
+        ("r/41", 3, False, stopped_at + timedelta(seconds=5)),
+        ("r/42", 4, True, stopped_at + timedelta(seconds=2)),
+        ("r/41", 5, True, stopped_at + timedelta(seconds=9)),
+    ]
+    with transaction(database_url) as conn:
+        for sender, term, accepted, at in rows:
+            conn.execute(DEVICE_COMMANDS.insert().values(
+                device_id="dev-000000", region="eu", term=term, setpoint=20.0,
+                accepted=accepted, sender=sender, created_at=at,
+            ))  # fmt: skip
+    # When the demo splits them
+    late = late_commands(database_url, since, 41, {group: 3}, stopped_at)
+    # Then the one begun after waking is late (and was refused); the other in flight
+    assert late == Late(sent=1, refused=1, in_flight=1, in_flight_accepted=1)

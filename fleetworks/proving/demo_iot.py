@@ -29,6 +29,7 @@ import signal
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -75,6 +76,11 @@ class LeadersReport:
     commands_lost: int = 0
     late_commands_sent: int = 0
     late_commands_refused: int = 0
+    #: Commands the stopped replica had begun before SIGSTOP that landed after
+    #: it (on SQLite its transaction may hold the write lock through the stop,
+    #: so no newer term can land before it), and how many were accepted.
+    in_flight_at_stop: int = 0
+    in_flight_accepted: int = 0
     no_leader_s: dict[str, float] = field(default_factory=dict)
     terms: dict[str, list[int]] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -205,25 +211,50 @@ def lost_commands(url: str, since_id: int) -> int:
     return lost + len(set(last) - set(held))
 
 
+@dataclass(frozen=True)
+class Late:
+    """What the stopped replica sent with the term it held, once resumed."""
+
+    #: Begun after it was stopped (it woke believing it led): all must be refused.
+    sent: int
+    refused: int
+    #: Begun before the stop, landed after it: taken only if no newer term had.
+    in_flight: int
+    in_flight_accepted: int
+
+
 def late_commands(
-    url: str, since_id: int, sender_pid: int, held: dict[str, int]
-) -> tuple[int, int]:
-    """(sent, refused) by the resumed replica after ``since_id`` with a term no
-    higher than the one it held for that region when it was stopped."""
+    url: str, since_id: int, sender_pid: int, held: dict[str, int], stopped_at: datetime
+) -> Late:
+    """The commands recorded after ``since_id`` from the resumed replica with a
+    term no higher than the one it held for that region when it was stopped,
+    split by when the replica began each (``created_at`` is stamped before its
+    transaction begins): after ``stopped_at``, or before it (in flight)."""
     from agents.iot import GROUP_PREFIX
     from tasks.schema import DEVICE_COMMANDS
 
     d = DEVICE_COMMANDS.c
     with reading(url) as conn:
         rows = conn.execute(
-            select(d.sender, d.region, d.term, d.accepted).where(d.id > since_id)
+            select(d.sender, d.region, d.term, d.accepted, d.created_at).where(d.id > since_id)
         ).all()
     mine = [
-        ok
-        for sender, region, term, ok in rows
+        (bool(ok), _aware(at) < stopped_at)
+        for sender, region, term, ok, at in rows
         if _pid(str(sender)) == sender_pid and term <= held.get(GROUP_PREFIX + region, 0)
     ]
-    return len(mine), sum(1 for ok in mine if not ok)
+    late = [ok for ok, before in mine if not before]
+    early = [ok for ok, before in mine if before]
+    return Late(len(late), sum(1 for ok in late if not ok), len(early), sum(early))
+
+
+def _note_late(report: LeadersReport, late: Late) -> None:
+    report.late_commands_sent, report.late_commands_refused = late.sent, late.refused
+    report.in_flight_at_stop, report.in_flight_accepted = late.in_flight, late.in_flight_accepted
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def _fault(
@@ -285,6 +316,8 @@ def run_iot(
         stopped = next(ch for ch in children if ch.pid not in watch.down and watch.led_by(ch.pid))
         held = {g: watch.terms[g][-1] for g in watch.led_by(stopped.pid) if watch.terms[g]}
         report.failovers.append(_fault(watch, stopped, signal.SIGSTOP, "SIGSTOP", 30))
+        # Stamped once it is frozen: what it began before this, it began before the stop.
+        stopped_at = datetime.now(UTC)
         watch.until(lambda: False, max(0.0, lease_s + 1.0))  # well past its lease
         before_cont = _watermark(url)
         stopped.signal(signal.SIGCONT)
@@ -292,9 +325,7 @@ def run_iot(
         echo(f"iot demo: SIGCONT {stopped.name}")
         watch.until(lambda: False, lease_s + 2.0)  # it wakes, acts late, steps down, rejoins
         progress.update("iot: faults", 2, 2)
-        report.late_commands_sent, report.late_commands_refused = late_commands(
-            url, before_cont, stopped.pid, held
-        )
+        _note_late(report, late_commands(url, before_cont, stopped.pid, held, stopped_at))
         report.no_leader_s = {g: round(s, 2) for g, s in watch.no_leader_s.items()}
         report.terms = watch.terms
     finally:
@@ -341,7 +372,8 @@ def render(report: LeadersReport) -> str:
             f"{report.accepted_from_deposed_leader} accepted from a deposed leader, "
             f"{report.commands_lost} lost",
             f"  late       {report.late_commands_sent} sent after SIGCONT with the old term, "
-            f"{report.late_commands_refused} refused",
+            f"{report.late_commands_refused} refused; {report.in_flight_at_stop} in flight "
+            f"at the stop, {report.in_flight_accepted} of them taken before any newer term",
             f"  no leader  {report.no_leader_s}",
         ]
     )
