@@ -18,7 +18,11 @@ that queue and handles them together:
    holder that died);
 4. **behaviour**: the agent's behaviour runs per item, its effects in a
    savepoint of the batch's transaction: an item that raises rolls back
-   alone and is recorded ``failed`` (retried alone) or ``dead``;
+   alone and is recorded ``failed`` (retried alone) or ``dead``. An agent
+   with a batch behaviour (``Batch(together=...)``) has it called once for
+   every running item instead, all its effects and outcomes in one
+   savepoint; if it raises, or a lease or token turns out lost, that
+   savepoint rolls back and each item runs per item as above;
 5. **settle**: every outcome, the contention and skip events included,
    commits in that one transaction; only then are the taken messages
    acknowledged (late acks kept), retries published for the items that need
@@ -78,7 +82,7 @@ from sqlalchemy import Connection
 from fleetworks import claims, events, kombu_redis, logs, outbox, tracing
 from fleetworks.claims import ClaimRequest, ClaimVerdict, StaleWriteError
 from fleetworks.constants import BATCH_INFIX, SENT_AT_HEADER
-from fleetworks.context import AgentSpec, RunContext
+from fleetworks.context import AgentSpec, BatchBehaviour, RunContext
 from fleetworks.db import get_engine
 from fleetworks.guard import (
     FENCING_REFUSED,
@@ -105,6 +109,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds between looks at the queue while a batch waits to fill.
 FILL_POLL_S: Final = 0.01
+
+#: The savepoint of a batch behaviour's effects (:attr:`Batch.together`).
+_TOGETHER: Final = "fleet_batch"
 
 _TAKE = """
 local out = {}
@@ -296,6 +303,8 @@ class BatchGuard:
             if running or batch.events:
                 with engine.connect() as conn, conn.begin():
                     quiet: list[tuple[Item, str, int, Any]] = []
+                    if spec.batch is not None and spec.batch.together is not None and running:
+                        running = self._together(conn, batch, spec.batch.together, running)
                     for item in running:
                         self._behave(conn, batch, behaviour, item, quiet)
                     started = spans.mark("")
@@ -466,6 +475,58 @@ class BatchGuard:
             running.append(item)
         return running
 
+    def _context(self, conn: Connection, batch: _Batch, item: Item, *, joined: bool) -> RunContext:
+        parsed, lease = item.parsed, item.lease
+        assert parsed is not None and lease is not None
+        return RunContext(
+            spec=batch.spec, task_id=item.delivery.task_id, worker=item.delivery.worker,
+            payload=parsed.payload, idempotency_key=parsed.identity.key,
+            entity_key=parsed.identity.entity, lease=lease, attempts=item.attempts,
+            database_url=self.guard.ledger.database_url, queue=item.delivery.queue,
+            app=self.fleet.app, resumed=parsed.resumed, shared=conn, joined=joined,
+        )  # fmt: skip
+
+    def _together(
+        self, conn: Connection, batch: _Batch, together: BatchBehaviour, running: list[Item]
+    ) -> list[Item]:
+        """The batch behaviour over every running item, in one savepoint; returns
+        the items still to run alone: none, or all of them when it failed."""
+        spec = batch.spec
+        ctxs = [self._context(conn, batch, item, joined=True) for item in running]
+        conn.exec_driver_sql(f"SAVEPOINT {_TOGETHER}")
+        started = batch.spans.mark("")
+        try:
+            with logs.bind_run(agent=spec.name, task_id=running[0].delivery.task_id,
+                               worker=running[0].delivery.worker):  # fmt: skip
+                results = [
+                    r.as_result() if isinstance(r, events.Waiting) else r for r in together(ctxs)
+                ]
+            if len(results) != len(ctxs):
+                raise TypeError(f"{spec.name}: its batch behaviour returned {len(results)} "
+                                f"results for {len(ctxs)} runs")  # fmt: skip
+            for ctx in ctxs:
+                ctx.check_lease()
+            done = [
+                (ctx.idempotency_key, ctx.fencing_token, result)
+                for ctx, result in zip(ctxs, results, strict=True)
+            ]
+            refused = claims.finish_many(conn, done)
+            if refused:
+                raise StaleWriteError(f"outcomes refused for {sorted(refused)[:3]}")
+        except Exception as exc:
+            if isinstance(exc, UNREACHABLE):
+                raise  # the whole batch waits in place
+            conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {_TOGETHER}")
+            conn.exec_driver_sql(f"RELEASE SAVEPOINT {_TOGETHER}")
+            log.warning("%s: its batch behaviour failed for %d keys (%s: %s); each runs alone",
+                        spec.name, len(running), type(exc).__name__, exc)  # fmt: skip
+            return running
+        conn.exec_driver_sql(f"RELEASE SAVEPOINT {_TOGETHER}")
+        batch.spans.mark("behaviour", started)
+        for item, ctx, result in zip(running, ctxs, results, strict=True):
+            item.result, item.emitted = result, bool(ctx.emitted)
+        return []
+
     def _behave(
         self,
         conn: Connection,
@@ -478,12 +539,7 @@ class BatchGuard:
         parsed, lease = item.parsed, item.lease
         assert parsed is not None and lease is not None
         run = batch.run_id(item)
-        ctx = RunContext(
-            spec=spec, task_id=item.delivery.task_id, worker=item.delivery.worker,
-            payload=parsed.payload, idempotency_key=run.key, entity_key=parsed.identity.entity,
-            lease=lease, attempts=item.attempts, database_url=self.guard.ledger.database_url,
-            queue=item.delivery.queue, app=self.fleet.app, resumed=parsed.resumed, shared=conn,
-        )  # fmt: skip
+        ctx = self._context(conn, batch, item, joined=False)
         with logs.bind_run(agent=spec.name, task_id=run.task_id, worker=run.worker):
             logs.bind(idempotency_key=run.key, entity=parsed.identity.entity,
                       fencing_token=lease.fencing_token, attempt=item.attempts)  # fmt: skip

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -45,6 +45,9 @@ class Identity:
 #: The savepoint of one batch item's effects in the batch's transaction.
 _SAVEPOINT: Final = "fleet_item"
 
+#: A batch agent's behaviour for a whole batch: one result per run context.
+BatchBehaviour = Callable[[Sequence["RunContext"]], Sequence[Any]]
+
 #: Count: the most messages one batch run may take (one ``IN`` list, one
 #: multi-row claim, one transaction).
 MAX_BATCH_SIZE: Final = 1000
@@ -56,18 +59,32 @@ class Batch:
 
     A run takes the message Celery delivered and up to ``size - 1`` more of
     the agent's queue, waiting at most ``wait_s`` for them to arrive.
+
+    ``together``, when given, is the agent's behaviour for a whole batch:
+    called with the run context of every key that reached its behaviour
+    (each with its own payload, fencing token and attempts; all of them
+    writing to the batch's one transaction through ``ctx.db``), it returns
+    one result per context, in order, so it can read and write the batch with
+    set-based statements. Its effects are one savepoint: if it raises, or any
+    key's lease or fencing token turns out lost, they roll back and every key
+    runs alone through the agent's per-item behaviour, so a bad item fails
+    (or is refused) alone. The two behaviours must do the same thing.
     """
 
     #: The most messages one run takes, the delivered one included.
     size: int = 100
     #: Seconds a run waits for more messages before it starts with fewer.
     wait_s: float = 0.0
+    #: The behaviour for the whole batch (see above); None runs it per item.
+    together: BatchBehaviour | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.size <= MAX_BATCH_SIZE:
             raise ValueError(f"batch size must be in [1, {MAX_BATCH_SIZE}], not {self.size}")
         if not 0 <= self.wait_s <= 5:
             raise ValueError(f"batch wait_s must be in [0, 5] seconds, not {self.wait_s}")
+        if self.together is not None and not callable(self.together):
+            raise ValueError("batch together= takes a function of a list of run contexts")
 
 
 @dataclass(frozen=True)
@@ -165,6 +182,9 @@ class RunContext:
     #: In a batch run: the batch's one transaction; this run's effects are a
     #: savepoint in it, released or rolled back alone.
     shared: Connection | None = field(default=None, repr=False)
+    #: One of the contexts handed to a batch behaviour (:attr:`Batch.together`):
+    #: :attr:`db` is the shared transaction itself, under the batch's savepoint.
+    joined: bool = field(default=False, repr=False)
     _savepoint: Any = field(default=None, repr=False)
     #: Events this run has emitted (stored in :attr:`db`, not yet committed).
     emitted: list[str] = field(default_factory=list)
@@ -197,7 +217,9 @@ class RunContext:
         """
         if self._conn is None:
             self.check_lease()
-            if self.shared is not None:
+            if self.shared is not None and self.joined:
+                self._conn = self.shared
+            elif self.shared is not None:
                 # A plain SAVEPOINT: SQLAlchemy's nested transaction object
                 # costs more than the statement, once per item of a batch.
                 self.shared.exec_driver_sql(f"SAVEPOINT {_SAVEPOINT}")
@@ -242,6 +264,8 @@ class RunContext:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        if self.shared is not None and self.joined:
+            return  # the batch's savepoint is released or rolled back for all
         if self.shared is not None:
             self._savepoint = None
             if not commit:

@@ -272,6 +272,88 @@ def update(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entity's read-modify-write in :func:`update_many_in`."""
+
+    entity: str
+    fn: Callable[[dict[str, Any]], dict[str, Any]]
+    fencing_token: int
+
+
+_READ_MANY = select(
+    _state.c.entity_key, _state.c.state, _state.c.version, _state.c.fencing_token
+).where(_AT & _state.c.entity_key.in_(bindparam("p_entities", expanding=True)))
+_READ_MANY_LOCKED = _READ_MANY.with_for_update()
+_INSERT = insert(_state).values(
+    agent=bindparam("p_agent"), entity_key=bindparam("p_entity"), **_NEW_VALUES
+)
+
+
+def update_many_in(
+    conn: Connection, agent: str, changes: list[Change], *, writer: str | None
+) -> list[Versioned]:
+    """:func:`update_in` for many entities at once (a batch behaviour's state),
+    inside the caller's transaction: one read of every row, locked
+    (``FOR UPDATE`` on PostgreSQL; SQLite's writer holds the database), then
+    one executemany each of the updates, the first writes and the history.
+    Returns the version written of each change, in order.
+
+    Raises :class:`StaleWriteError` if a stored token is newer than its
+    change's, and :class:`StateConflictError` if an entity appears twice or a
+    write did not apply; the caller rolls the batch back (a savepoint) and
+    writes its entities one at a time. ``fn`` runs once per change.
+    """
+    entities = [change.entity for change in changes]
+    if len(set(entities)) < len(entities):
+        twice = sorted({e for e in entities if entities.count(e) > 1})
+        raise ValueError(f"update_many_in: entities given twice: {twice}")
+    if not changes:
+        return []
+    stmt = _READ_MANY_LOCKED if conn.dialect.name != "sqlite" else _READ_MANY
+    found = {
+        str(row.entity_key): Versioned(dict(row.state), int(row.version), int(row.fencing_token))
+        for row in conn.execute(stmt, {"p_agent": agent, "p_entities": entities})
+    }
+    at, written = now(), []
+    updates: list[dict[str, Any]] = []
+    firsts: list[dict[str, Any]] = []
+    for change in changes:
+        current = found.get(change.entity, Versioned({}, 0, None))
+        if current.fencing_token is not None and current.fencing_token > change.fencing_token:
+            raise StaleWriteError(
+                f"state of {change.entity!r} for agent {agent!r} refused: fencing token "
+                f"{change.fencing_token} is older than {current.fencing_token}"
+            )
+        state = change.fn(current.state)
+        values = {
+            "p_agent": agent, "p_entity": change.entity, "p_version": current.version + 1,
+            "p_state": state, "p_token": change.fencing_token, "p_writer": writer, "p_at": at,
+        }  # fmt: skip
+        if current.version == 0:
+            firsts.append(values)
+        else:
+            updates.append(values | {"p_expected": current.version})
+        written.append(Versioned(dict(state), current.version + 1, change.fencing_token))
+    if updates:
+        applied = conn.execute(_CAS, updates).rowcount
+        if conn.dialect.supports_sane_multi_rowcount and applied != len(updates):
+            _conflicted(conn, agent, updates)
+    if firsts:
+        conn.execute(_INSERT, firsts)  # a concurrent first write: IntegrityError
+    conn.execute(_HISTORY, updates + firsts)
+    return written
+
+
+def _conflicted(conn: Connection, agent: str, updates: list[dict[str, Any]]) -> None:
+    """Raise the conflict of the first update of a batch that did not apply."""
+    for values in updates:
+        found = read(conn, agent, values["p_entity"])
+        if found.version != values["p_version"] or found.fencing_token != values["p_token"]:
+            raise StateConflictError(agent, values["p_entity"], values["p_expected"], found.version)
+    raise AssertionError("an update of the batch did not apply, yet every row is as written")
+
+
 def _apply(
     conn: Connection,
     agent: str,

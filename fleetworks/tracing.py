@@ -333,7 +333,9 @@ class BatchSpans:
     ``lease``, ``claim`` and ``settle`` are shared by the batch (one script,
     one statement, one transaction): their spans carry the shared start and
     end and ``fleetworks.batch_size``; ``behaviour`` is the key's own, current
-    while it runs so what it does (a fan-out, an event) is its child. A key
+    while it runs so what it does (a fan-out, an event) is its child, except
+    under a batch behaviour (``Batch(together=...)``), which is one call for
+    every key and so a shared stage too. A key
     the guard ended or deferred has ``fleetworks.ended`` on its span. Every
     method returns at once while tracing is off.
     """
@@ -423,16 +425,21 @@ class BatchSpans:
         shared settle stage when it was settled, or ``fleetworks.ended``."""
         if not self.on:
             return
+        ran_alone = ref in self._open
         span = self._item(ref, carrier, key, entity, token)
         if ended is not None:
             span.set_attribute("fleetworks.ended", ended)
-        elif "settle" in self._marks:
-            start, end = self._marks["settle"]
+        else:
             shared = {**self._attributes(key, entity, token), "fleetworks.batch_size": self.size}
-            _tracer().start_span(
-                "fleetworks.settle", context=trace.set_span_in_context(span),
-                attributes=shared, start_time=start,
-            ).end(end_time=end)  # fmt: skip
+            # A key settled by the batch behaviour (Batch.together) shares its stage.
+            stages = ("settle",) if ran_alone else ("behaviour", "settle")
+            for stage in stages:
+                if stage in self._marks:
+                    start, end = self._marks[stage]
+                    _tracer().start_span(
+                        f"fleetworks.{stage}", context=trace.set_span_in_context(span),
+                        attributes=shared, start_time=start,
+                    ).end(end_time=end)  # fmt: skip
         span.end()
         del self._open[ref]
 

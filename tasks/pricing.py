@@ -13,6 +13,7 @@ emits ``competitor.price_dropped``, which ``pricing.alert`` records.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import Field
@@ -81,6 +82,75 @@ def poll(ctx: RunContext, tick: PricingTick) -> dict[str, Any]:
     return {"window": window, "enqueued": len(sent)}
 
 
+def _announce(
+    ctx: RunContext, job: pricing.Reprice, product: pricing.Product, market: pricing.Market
+) -> None:
+    """Emit ``competitor.price_dropped`` if the cheapest competitor dropped enough."""
+    dropped = pricing.price_drop(
+        catalogue(0).market(product, job.window - 1), market, settings.drop_alert
+    )
+    if dropped is not None:
+        data = {"product": product.product_id, "tick": job.tick,
+                "from_cents": dropped[0], "to_cents": dropped[1]}  # fmt: skip
+        ctx.emit(PRICE_DROPPED, data, key=product.product_id)
+
+
+def _change(
+    ctx: RunContext, job: pricing.Reprice, old: int, decision: pricing.Decision, version: int
+) -> dict[str, Any]:
+    """The ``price_changes`` row of one reprice."""
+    return {
+        "product_id": job.product_id, "tick": job.tick, "old_cents": old,
+        "new_cents": decision.price_cents, "version": version,
+        "fencing_token": ctx.fencing_token, "created_at": now(),
+    }  # fmt: skip
+
+
+def _next_state(
+    job: pricing.Reprice,
+    product: pricing.Product,
+    market: pricing.Market,
+    decided: dict[str, tuple[int, pricing.Decision]],
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The state update of one reprice; records what it decided in ``decided``."""
+
+    def next_state(current: dict[str, Any]) -> dict[str, Any]:
+        price = int(current.get("price_cents", product.list_cents))
+        decision = pricing.decide(price, product, market)
+        decided[product.product_id] = (price, decision)
+        return {"price_cents": decision.price_cents, "strategy": product.strategy.value,
+                "tick": job.tick}  # fmt: skip
+
+    return next_state
+
+
+def reprice_together(runs: Sequence[RunContext]) -> list[dict[str, Any]]:
+    """A batch of reprices at once: one read of every product's state, one
+    write of each table (see ``Batch.together``); the same as :func:`reprice`
+    run per product."""
+    decided: dict[str, tuple[int, pricing.Decision]] = {}
+    seen, changes = [], []
+    for ctx in runs:
+        job = ctx.payload
+        product = catalogue(0).product(job.product_id)
+        market = catalogue(0).market(product, job.window)
+        seen.append((product, market))
+        changes.append(state.Change(job.product_id, _next_state(job, product, market, decided),
+                                    ctx.fencing_token))  # fmt: skip
+    db = runs[0].db
+    written = state.update_many_in(db, REPRICE, changes, writer=runs[0].worker)
+    rows, results = [], []
+    for ctx, (product, market), version in zip(runs, seen, written, strict=True):
+        job = ctx.payload
+        old, decision = decided[job.product_id]
+        _announce(ctx, job, product, market)
+        rows.append(_change(ctx, job, old, decision, version.version))
+        results.append({"price_cents": decision.price_cents, "version": version.version,
+                        "limited_by": decision.limited_by, "conflicts": 0})  # fmt: skip
+    db.execute(_RECORD_CHANGE, rows)
+    return results
+
+
 @shared_agent(
     AgentSpec(
         name=REPRICE,
@@ -90,47 +160,22 @@ def poll(ctx: RunContext, tick: PricingTick) -> dict[str, Any]:
         on_contention="retry",
         time_limit_s=30.0,
         # Many products per run, each still priced once per tick (fleetworks.batch).
-        batch=Batch(size=REPRICE_BATCH),
+        batch=Batch(size=REPRICE_BATCH, together=reprice_together),
     )
 )
 def reprice(ctx: RunContext, job: pricing.Reprice) -> dict[str, Any]:
     product = catalogue(0).product(job.product_id)
     market = catalogue(0).market(product, job.window)
-    decided: list[pricing.Decision] = []
-    old: list[int] = []
-
-    def next_state(current: dict[str, Any]) -> dict[str, Any]:
-        price = int(current.get("price_cents", product.list_cents))
-        decision = pricing.decide(price, product, market)
-        decided[:], old[:] = [decision], [price]
-        return {"price_cents": decision.price_cents, "strategy": product.strategy.value,
-                "tick": job.tick}  # fmt: skip
-
+    decided: dict[str, tuple[int, pricing.Decision]] = {}
     written, conflicts = state.update_in(
-        ctx.db, REPRICE, product.product_id, next_state,
+        ctx.db, REPRICE, job.product_id, _next_state(job, product, market, decided),
         fencing_token=ctx.fencing_token, writer=ctx.worker,
     )  # fmt: skip
-    dropped = pricing.price_drop(
-        catalogue(0).market(product, job.window - 1), market, settings.drop_alert
-    )
-    if dropped is not None:
-        data = {"product": product.product_id, "tick": job.tick,
-                "from_cents": dropped[0], "to_cents": dropped[1]}  # fmt: skip
-        ctx.emit(PRICE_DROPPED, data, key=product.product_id)
-    ctx.db.execute(
-        _RECORD_CHANGE,
-        {
-            "product_id": product.product_id,
-            "tick": job.tick,
-            "old_cents": old[0],
-            "new_cents": decided[0].price_cents,
-            "version": written.version,
-            "fencing_token": ctx.fencing_token,
-            "created_at": now(),
-        },
-    )
-    return {"price_cents": decided[0].price_cents, "version": written.version,
-            "limited_by": decided[0].limited_by, "conflicts": conflicts}  # fmt: skip
+    old, decision = decided[job.product_id]
+    _announce(ctx, job, product, market)
+    ctx.db.execute(_RECORD_CHANGE, _change(ctx, job, old, decision, written.version))
+    return {"price_cents": decision.price_cents, "version": written.version,
+            "limited_by": decision.limited_by, "conflicts": conflicts}  # fmt: skip
 
 
 @shared_agent(AgentSpec(name=ALERT, payload=Event, on=(PRICE_DROPPED,), batch=Batch(size=100)))

@@ -22,7 +22,7 @@ from fleetworks.enqueue import enqueue_many
 from fleetworks.ledger import Ledger
 from fleetworks.locks import EntityLocks
 from fleetworks.models import PROBE_EFFECTS, EventKind, GuardEvent, Outcome
-from fleetworks.proving.probe import BATCHED, Probe
+from fleetworks.proving.probe import BATCHED, TOGETHER, Probe
 from fleetworks.reaper import reap, restore_stranded
 from fleetworks.timing import Timings
 from tests.conftest import Worker, broker_idle, start_worker, truncate, wait_for
@@ -31,19 +31,19 @@ _o = Outcome.__table__.c
 _e = GuardEvent.__table__.c
 
 
-def _rows(url: str, prefix: str) -> list[Any]:
+def _rows(url: str, prefix: str, agent: str = BATCHED) -> list[Any]:
     with transaction(url) as conn:
         return list(
             conn.execute(
                 select(Outcome.__table__).where(
-                    (_o.agent == BATCHED) & _o.idempotency_key.startswith(f"probe:{prefix}")
+                    (_o.agent == agent) & _o.idempotency_key.startswith(f"probe:{prefix}")
                 )
             )
         )
 
 
-def _settled(url: str, prefix: str, n: int) -> bool:
-    rows = _rows(url, prefix)
+def _settled(url: str, prefix: str, n: int, agent: str = BATCHED) -> bool:
+    rows = _rows(url, prefix, agent)
     return len(rows) == n and all(r.status in ("succeeded", "dead", "rejected") for r in rows)
 
 
@@ -67,10 +67,10 @@ def _events(url: str, kind: EventKind, prefix: str) -> int:
         )
 
 
-def _send(worker: Worker, payloads: list[dict[str, Any]]) -> list[str]:
+def _send(worker: Worker, payloads: list[dict[str, Any]], agent: str = BATCHED) -> list[str]:
     from config import app
 
-    return enqueue_many(app, BATCHED, payloads, queue=worker.queue)
+    return enqueue_many(app, agent, payloads, queue=worker.queue)
 
 
 def test_a_batch_agent_runs_many_keys_per_run_each_once(worker: Worker) -> None:
@@ -119,6 +119,36 @@ def test_an_item_that_fails_is_retried_alone_and_a_bad_one_rejected(worker: Work
         ).scalars().all()  # fmt: skip
     assert len(rejected) == 1
     assert "work_ms" in rejected[0]
+
+
+def test_a_batch_behaviour_settles_whole_batches_and_a_failing_item_alone(
+    worker: Worker,
+) -> None:
+    url = worker.database_url
+    # Given 300 keys, 30 sent twice, for an agent with a batch behaviour
+    payloads = [{"id": f"tg{i}"} for i in range(300)]
+    _send(worker, payloads + payloads[:30], TOGETHER)
+    wait_for(lambda: _settled(url, "tg", 300, TOGETHER), 60, "300 keys settled")
+    wait_for(lambda: broker_idle(batch_queue(worker.queue, TOGETHER)), 30, "queue drained")
+    rows = _rows(url, "tg", TOGETHER)
+    # Then every key succeeded once, through the batch behaviour, one effect each
+    assert {r.status for r in rows} == {"succeeded"}
+    assert all(r.result["together"] for r in rows), [r.result for r in rows][:3]
+    assert _effects(url, "tg") == 300
+    wait_for(lambda: _events(url, EventKind.SKIPPED_DUPLICATE, "tg") == 30, 30, "duplicates")
+    # And given a batch where one item fails its first attempt
+    failing = [{"id": f"tf{i}", "fail_attempts": 1 if i == 40 else 0} for i in range(100)]
+    _send(worker, failing, TOGETHER)
+    wait_for(lambda: _settled(url, "tf", 100, TOGETHER), 60, "100 keys settled")
+    rows = _rows(url, "tf", TOGETHER)
+    # Then its batch ran again per item: the failing key alone failed, then
+    # succeeded on its second attempt; every key has one effect
+    assert {r.status for r in rows} == {"succeeded"}
+    assert _effects(url, "tf") == 100
+    assert {r.idempotency_key for r in rows if r.attempts == 2} == {"probe:tf40"}
+    assert _events(url, EventKind.ATTEMPT_FAILED, "tf") == 1
+    alone = [r.idempotency_key for r in rows if "together" not in r.result]
+    assert alone, "no key of the failing batch ran per item"
 
 
 def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(

@@ -119,6 +119,44 @@ def test_stale_fencing_token_is_refused_without_history(database_url: str) -> No
     assert write(database_url, {"owner": "newer"}, expected=1, token=6).version == 2
 
 
+def test_many_entities_are_written_at_once_each_as_a_single_write_would(
+    database_url: str,
+) -> None:
+    # Given entities e-0 and e-1 written before (tokens 3), e-2 and e-3 never
+    for i in range(2):
+        with db.transaction(database_url) as conn:
+            state.write(conn, AGENT, f"e-{i}", state={"count": 10}, expected_version=0,
+                        fencing_token=3, writer="w-0")  # fmt: skip
+    changes = [state.Change(f"e-{i}", plus_one, fencing_token=4) for i in range(4)]
+    # When all four are updated in one call
+    with db.transaction(database_url) as conn:
+        written = state.update_many_in(conn, AGENT, changes, writer="w-1")
+    # Then each got its next version and state, as update_in would have written
+    assert written == [
+        Versioned({"count": 11}, 2, 4), Versioned({"count": 11}, 2, 4),
+        Versioned({"count": 1}, 1, 4), Versioned({"count": 1}, 1, 4),
+    ]  # fmt: skip
+    with db.transaction(database_url) as conn:
+        for i, expected in enumerate(written):
+            assert state.read(conn, AGENT, f"e-{i}") == expected
+            revisions = state.history(conn, AGENT, f"e-{i}")
+            assert [(r.version, r.fencing_token, r.writer) for r in revisions][-1] == (
+                expected.version, 4, "w-1",
+            )  # fmt: skip
+    # and a batch with one stale token is refused whole, naming it, writing nothing
+    stale = [state.Change("e-0", plus_one, 5), state.Change("e-1", plus_one, 2)]
+    refused = r"'e-1'.*fencing token 2 is older than 4"
+    with pytest.raises(StaleWriteError, match=refused), db.transaction(database_url) as conn:
+        state.update_many_in(conn, AGENT, stale, writer="w-2")
+    with db.transaction(database_url) as conn:
+        assert state.read(conn, AGENT, "e-0").version == 2
+    # and an entity given twice is a clear error
+    twice = [state.Change("e-0", plus_one, 5), state.Change("e-0", plus_one, 5)]
+    with pytest.raises(ValueError, match=r"given twice: \['e-0'\]"):  # noqa: SIM117
+        with db.transaction(database_url) as conn:
+            state.update_many_in(conn, AGENT, twice, writer="w-2")
+
+
 def interfering(url: str, times: int, calls: list[int]) -> Any:
     """``plus_one``, but on its first ``times`` calls another writer commits an
     increment between the read it was given and its write."""

@@ -9,7 +9,8 @@ chaos run counts doubles there, where only the guard can prevent them).
 It is declared with :func:`fleetworks.shared_agent`, so it joins whichever
 fleet imports this module: the rigs add the module to the workers they start
 (``FLEET_TASK_MODULES``), on any app.
-``probe.batch`` is its batch-agent twin (:mod:`fleetworks.batch`), and
+``probe.batch`` is its batch-agent twin (:mod:`fleetworks.batch`),
+``probe.together`` the same with a batch behaviour (``Batch(together=...)``), and
 ``probe.plain`` its plain-Celery twin, the peer benchmarks compare with.
 ``probe.emit`` emits events of ``probe.event`` and ``probe.on_a`` and
 ``probe.on_b`` subscribe to them, doing nothing else: the events benchmark.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from celery import shared_task
@@ -173,6 +174,52 @@ BATCH_SPEC = AgentSpec(
     batch=Batch(size=BATCH_SIZE),
 )
 shared_agent(BATCH_SPEC)(run_probe)
+
+
+class _Rows:
+    """A probe sink that keeps the rows, for one executemany per table."""
+
+    def __init__(self, worker: str) -> None:
+        self.worker = worker
+        self.rows: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+
+    def record(self, effect_key: str, fencing_token: int, *, unique: bool = True) -> None:
+        self.rows[unique].append({"effect_key": effect_key, "fencing_token": fencing_token,
+                                  "worker": self.worker, "created_at": now()})  # fmt: skip
+
+
+def run_together(runs: Sequence[RunContext]) -> list[dict[str, Any]]:
+    """The batch behaviour of :data:`TOGETHER`: every probe of the batch, then
+    each table's rows in one executemany. A probe that fails this attempt
+    raises, so the batch runs per item and that key fails alone. Its results
+    say ``together``; the per-item behaviour's do not."""
+    if not runs:
+        return []
+    sink = _Rows(runs[0].worker)
+    results: list[dict[str, Any]] = []
+    for ctx in runs:
+        if ctx.payload.emit:
+            ctx.emit(DONE_TOPIC, {"id": ctx.payload.id})
+        done = run(ctx.payload, sink, ctx.fencing_token, attempt=ctx.attempts)
+        results.append({**done, "together": True})
+    for unique, rows in sink.rows.items():
+        if rows:
+            runs[0].db.execute(insert(PROBE_EFFECTS if unique else PROBE_EFFECT_LOG), rows)
+    return results
+
+
+#: The batch agent twin with a batch behaviour (``Batch(together=...)``).
+TOGETHER = "probe.together"
+
+TOGETHER_SPEC = AgentSpec(
+    name=TOGETHER,
+    payload=Probe,
+    key=lambda p: f"probe:{p.id}",
+    on_contention="retry",
+    time_limit_s=30.0,
+    batch=Batch(size=BATCH_SIZE, together=run_together),
+)
+shared_agent(TOGETHER_SPEC)(run_probe)
 
 
 #: What a probe with ``emit`` announces, and who handles it.
