@@ -9,6 +9,12 @@ fencing token and records the decision in ``price_changes``, all in the
 transaction that commits the outcome. When the cheapest competitor dropped by
 more than ``FLEET_PRICING_DROP_ALERT`` since the previous window, it also
 emits ``competitor.price_dropped``, which ``pricing.alert`` records.
+
+Both are batch agents of 100 with a batch behaviour (``Batch(together=...)``):
+a batch of reprices reads every product's state in one select and writes the
+states, their history and the price rows with one executemany each; a batch
+of alerts is one executemany. The per-item behaviours beside them do the
+same for one key, and run when a batch behaviour fails.
 """
 
 from __future__ import annotations
@@ -178,19 +184,38 @@ def reprice(ctx: RunContext, job: pricing.Reprice) -> dict[str, Any]:
             "limited_by": decision.limited_by, "conflicts": conflicts}  # fmt: skip
 
 
-@shared_agent(AgentSpec(name=ALERT, payload=Event, on=(PRICE_DROPPED,), batch=Batch(size=100)))
+def _alert_row(ctx: RunContext, event: Event) -> dict[str, Any]:
+    d = event.data
+    return {
+        "event_id": event.id, "product_id": d["product"], "tick": d["tick"],
+        "from_cents": d["from_cents"], "to_cents": d["to_cents"],
+        "fencing_token": ctx.fencing_token, "created_at": now(),
+    }  # fmt: skip
+
+
+def _alert_result(event: Event) -> dict[str, Any]:
+    d = event.data
+    return {"product": d["product"], "drop_cents": d["from_cents"] - d["to_cents"]}
+
+
+def alert_together(runs: Sequence[RunContext]) -> list[dict[str, Any]]:
+    """A batch of alerts in one executemany; the same as :func:`alert` per event."""
+    runs[0].db.execute(_RECORD_ALERT, [_alert_row(ctx, ctx.payload) for ctx in runs])
+    return [_alert_result(ctx.payload) for ctx in runs]
+
+
+_RECORD_ALERT = insert(PRICE_ALERTS)
+
+
+@shared_agent(
+    AgentSpec(
+        name=ALERT,
+        payload=Event,
+        on=(PRICE_DROPPED,),
+        batch=Batch(size=100, together=alert_together),
+    )
+)
 def alert(ctx: RunContext, event: Event) -> dict[str, Any]:
     """Record one alert per announcement (UNIQUE on the event id)."""
-    d = event.data
-    ctx.db.execute(
-        insert(PRICE_ALERTS).values(
-            event_id=event.id,
-            product_id=d["product"],
-            tick=d["tick"],
-            from_cents=d["from_cents"],
-            to_cents=d["to_cents"],
-            fencing_token=ctx.fencing_token,
-            created_at=now(),
-        )
-    )
-    return {"product": d["product"], "drop_cents": d["from_cents"] - d["to_cents"]}
+    ctx.db.execute(_RECORD_ALERT, _alert_row(ctx, event))
+    return _alert_result(event)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -25,7 +26,7 @@ from agents.pricing import (
 from fleetworks.db import transaction
 from fleetworks.models import AGENT_STATE_HISTORY, OUTCOMES
 from tasks.schema import PRICE_CHANGES
-from tests.conftest import Worker, start_worker, wait_for
+from tests.conftest import Worker, start_worker, truncate, wait_for
 
 cents = st.integers(min_value=1, max_value=10_000_000)
 
@@ -178,3 +179,84 @@ def _settled_reprices(url: str) -> int:
                 )
             ).scalar_one()
         )
+
+
+def _reprice_runs(url: str, conn: Any, jobs: list[dict[str, Any]], *, joined: bool) -> list[Any]:
+    from config import app
+    from fleetworks.app import fleet_of
+    from fleetworks.context import RunContext
+    from fleetworks.locks import Lease
+    from tasks.pricing import REPRICE, reprice_key
+
+    spec = fleet_of(app).require_agent(REPRICE)
+    return [
+        RunContext(
+            spec=spec,
+            task_id=f"t-{i}",
+            worker="w-1",
+            payload=spec.payload(**job),
+            idempotency_key=reprice_key(job["product_id"], job["tick"]),
+            entity_key=f"product:{job['product_id']}",
+            lease=Lease("e", "o", 7 + i, 30_000),
+            attempts=1,
+            database_url=url,
+            shared=conn,
+            joined=joined,
+        )
+        for i, job in enumerate(jobs)
+    ]
+
+
+def _priced(url: str) -> tuple[list[Any], list[Any], list[Any]]:
+    from fleetworks.models import AGENT_STATE, EVENTS
+
+    with transaction(url) as conn:
+        return (
+            conn.execute(
+                select(PRICE_CHANGES.c.product_id, PRICE_CHANGES.c.tick, PRICE_CHANGES.c.old_cents,
+                       PRICE_CHANGES.c.new_cents, PRICE_CHANGES.c.version,
+                       PRICE_CHANGES.c.fencing_token).order_by(PRICE_CHANGES.c.product_id)
+            ).all(),
+            conn.execute(
+                select(AGENT_STATE.c.entity_key, AGENT_STATE.c.state, AGENT_STATE.c.version)
+                .order_by(AGENT_STATE.c.entity_key)
+            ).all(),
+            conn.execute(
+                select(EVENTS.c.event_id, EVENTS.c.key, EVENTS.c.data).order_by(EVENTS.c.event_id)
+            ).all(),
+        )  # fmt: skip
+
+
+def test_a_batch_of_reprices_writes_what_the_reprices_one_by_one_write(database_url: str) -> None:
+    """The pricing agent's batch behaviour and its per-item behaviour agree:
+    the same states, versions, price rows, events and results."""
+    from tasks.pricing import reprice, reprice_together
+
+    url = database_url
+    ticks = [
+        ("poll-prices@2026-11-22T10:00:00.000Z", 100),
+        ("poll-prices@2026-11-22T11:00:00.000Z", 101),
+    ]
+    seen: list[Any] = []
+    for way in ("one by one", "together"):
+        truncate(url)
+        results = []
+        # Given 60 products priced in two ticks (the second from the first's state)
+        for tick, window in ticks:
+            jobs = [{"product_id": f"sku-{i:06d}", "tick": tick, "window": window}
+                    for i in range(60)]  # fmt: skip
+            with transaction(url) as conn:
+                runs = _reprice_runs(url, conn, jobs, joined=way == "together")
+                if way == "together":
+                    results += reprice_together(runs)
+                else:
+                    for ctx in runs:
+                        results.append(reprice(ctx, ctx.payload))
+                        ctx.close_db(commit=True)
+        seen.append((results, *_priced(url)))
+    # Then both ways wrote the same and answered the same
+    (one, changes, states, events), (together, *rest) = seen
+    assert len(changes) == 120 and len(states) == 60 and events
+    assert [r.version for r in states] == [2] * 60
+    assert (changes, states, events) == tuple(rest)
+    assert one == together
