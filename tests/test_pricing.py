@@ -215,7 +215,8 @@ def _priced(url: str) -> tuple[list[Any], list[Any], list[Any]]:
             conn.execute(
                 select(PRICE_CHANGES.c.product_id, PRICE_CHANGES.c.tick, PRICE_CHANGES.c.old_cents,
                        PRICE_CHANGES.c.new_cents, PRICE_CHANGES.c.version,
-                       PRICE_CHANGES.c.fencing_token).order_by(PRICE_CHANGES.c.product_id)
+                       PRICE_CHANGES.c.fencing_token)
+                .order_by(PRICE_CHANGES.c.product_id, PRICE_CHANGES.c.tick)
             ).all(),
             conn.execute(
                 select(AGENT_STATE.c.entity_key, AGENT_STATE.c.state, AGENT_STATE.c.version)
