@@ -151,6 +151,46 @@ def test_a_batch_behaviour_settles_whole_batches_and_a_failing_item_alone(
     assert alone, "no key of the failing batch ran per item"
 
 
+def test_a_database_error_in_a_batch_behaviour_rolls_back_only_its_savepoint(
+    worker: Worker,
+) -> None:
+    from fleetworks.claims import now
+
+    url = worker.database_url
+    # Given one key's effect row already written, so the batch behaviour's
+    # one executemany fails on the UNIQUE key (on PostgreSQL an error that
+    # aborts the transaction unless rolled back to a savepoint)
+    with transaction(url) as conn:
+        conn.execute(PROBE_EFFECTS.insert().values(
+            effect_key="te7", fencing_token=0, worker="before", created_at=now()
+        ))  # fmt: skip
+    _send(worker, [{"id": f"te{i}"} for i in range(50)], TOGETHER)
+
+    # When the worker has run them
+    def others_done() -> bool:
+        rows = {r.idempotency_key: r for r in _rows(url, "te", TOGETHER)}
+        done = [k for k, r in rows.items() if r.status == "succeeded"]
+        return (
+            len(done) == 49
+            and rows.get("probe:te7") is not None
+            and (rows["probe:te7"].status in ("failed", "dead"))
+        )
+
+    wait_for(others_done, 60, "49 keys settled and te7 failed")
+    rows = {r.idempotency_key: r for r in _rows(url, "te", TOGETHER)}
+    # Then the batch ran again per item: every other key succeeded once with
+    # one effect, the conflicting key alone failed, its row untouched
+    assert "IntegrityError" in (rows["probe:te7"].error or ""), rows["probe:te7"].error
+    alone = [k for k, r in rows.items() if r.status == "succeeded" and "together" not in r.result]
+    assert alone, "no key of the failed batch ran per item"
+    assert _effects(url, "te") == 50
+    with transaction(url) as conn:
+        (kept,) = conn.execute(
+            select(PROBE_EFFECTS.c.worker).where(PROBE_EFFECTS.c.effect_key == "te7")
+        ).all()  # fmt: skip
+    assert kept.worker == "before"
+
+
 def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(
     sqlite_url: str, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
