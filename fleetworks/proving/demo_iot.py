@@ -182,6 +182,26 @@ def count_commands(url: str, since_id: int) -> tuple[int, int, int]:
     return accepted, refused, deposed
 
 
+def newer_terms_taken(url: str, since_id: int, held: dict[str, int]) -> bool:
+    """Every group in ``held`` took a command after ``since_id`` with a term
+    higher than the one held."""
+    from agents.iot import GROUP_PREFIX
+    from tasks.schema import DEVICE_COMMANDS
+
+    d = DEVICE_COMMANDS.c
+    with reading(url) as conn:
+        taken = dict(
+            conn.execute(
+                select(d.region, func.max(d.term))
+                .where(d.id > since_id, d.accepted.is_(True))
+                .group_by(d.region)
+            ).all()
+        )
+    return all(
+        int(taken.get(group.removeprefix(GROUP_PREFIX), 0)) > term for group, term in held.items()
+    )
+
+
 def lost_commands(url: str, since_id: int) -> int:
     """Devices that do not hold the setpoint and term of the last command they
     accepted after ``since_id`` (or, with none, still hold the seeded target
@@ -319,6 +339,10 @@ def run_iot(
         # Stamped once it is frozen: what it began before this, it began before the stop.
         stopped_at = datetime.now(UTC)
         watch.until(lambda: False, max(0.0, lease_s + 1.0))  # well past its lease
+        # Its regions' new leaders have acted: each region took a newer term.
+        # (Until one does, a late command with the old term is the newest the
+        # region has seen and may be taken: that is no deposed leader acting.)
+        watch.until(lambda: newer_terms_taken(url, since, held), 30)
         before_cont = _watermark(url)
         stopped.signal(signal.SIGCONT)
         watch.down.discard(stopped.pid)
