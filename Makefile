@@ -40,11 +40,16 @@ lint: dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The suite runs in TEST_PROCESSES pytest processes (pytest-xdist); each has
+# its own Redis databases and PostgreSQL database (tests/conftest.py).
+TEST_PROCESSES ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist worksteal
+
 test: lint tools
-	$(BIN)/python -m pytest -m "not slow" --durations=25
+	$(PYTEST) -m "not slow" --durations=25
 
 test-slow: dev tools
-	$(BIN)/python -m pytest -m slow
+	$(PYTEST) -m slow
 
 # The suite with the wall clock of every Python process it starts moved
 # (tests/clock/sitecustomize.py, time-machine; the servers keep theirs): a
@@ -55,7 +60,7 @@ test-dates: dev tools
 	  offset=$$(( $$(date -u -d "$$at" +%s) - $$(date -u +%s) )); \
 	  echo "== the suite at $$at UTC (clock moved by $$offset s)"; \
 	  FLEET_TEST_CLOCK_OFFSET_S=$$offset PYTHONPATH=$(CURDIR)/tests/clock \
-	    $(BIN)/python -m pytest -m "not slow" -q -p no:cacheprovider; \
+	    $(PYTEST) -m "not slow" -q -p no:cacheprovider; \
 	done
 
 bench: install

@@ -10,7 +10,9 @@ get these fixtures without configuration:
   the task modules named by the ``fleetworks_modules`` ini option (or
   ``--fleetworks-modules``), so agents declared with
   :func:`fleetworks.shared_agent` join it. Redis database
-  ``FLEET_TEST_REDIS_DB`` (default 13) is flushed before and after each test.
+  ``FLEET_TEST_REDIS_DB`` (default 13; under pytest-xdist, 13 minus the
+  process's index, so parallel processes never flush each other's keys) is
+  flushed before and after each test.
 - ``run_agent(name, payload, key=None)``: one guarded run in the test
   process, through the same guard a worker runs; returns a :class:`RunResult`
   with the outcome row, the guard events of the run and what the task would
@@ -110,7 +112,7 @@ def fleet(
     fleet_redis_base: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Fleet]:
     """A fleet on a fresh app: real Redis (flushed), SQLite in a temporary folder."""
-    url = f"{fleet_redis_base}/{os.environ.get('FLEET_TEST_REDIS_DB', '13')}"
+    url = f"{fleet_redis_base}/{_redis_db()}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     home = tmp_path_factory.mktemp("fleet")
@@ -131,6 +133,22 @@ def fleet(
     finally:
         client.flushdb()
         client.close()
+
+
+def _redis_db() -> str:
+    """``FLEET_TEST_REDIS_DB``, else 13; under pytest-xdist, 13 minus the
+    process's index, so two processes never flush each other's keys."""
+    explicit = os.environ.get("FLEET_TEST_REDIS_DB")
+    if explicit:
+        return explicit
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(worker) if worker.isdigit() else 0
+    if index > 13:
+        raise pytest.UsageError(
+            f"pytest-xdist process {index}: set FLEET_TEST_REDIS_DB per process "
+            "(the default database 13 minus the index runs out)"
+        )
+    return str(13 - index)
 
 
 def _rows(database_url: str, stmt: Any) -> list[dict[str, Any]]:

@@ -32,10 +32,38 @@ from sqlalchemy import text
 from fleetworks.embedded import EmbeddedRedis, free_port, ping
 
 SYSTEM_REDIS = "redis://127.0.0.1:6379"
-POSTGRES_URL = os.environ.get(
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+#: ``make test`` runs the suite in several pytest processes (pytest-xdist):
+#: each has Redis databases, a PostgreSQL database and names of its own, so
+#: no test sees another's keys, rows or queues. ``""`` outside xdist.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_worker_index = int(XDIST_WORKER.removeprefix("gw") or 0)
+#: (broker, lock store, the plugin's ``fleet`` fixture) Redis databases of
+#: each pytest process, in order.
+_REDIS_DBS = [(11, 12, 13), (14, 15, 10), (7, 8, 9), (4, 5, 6), (1, 2, 3)]
+if _worker_index >= len(_REDIS_DBS):
+    raise RuntimeError(
+        f"pytest process {XDIST_WORKER}: at most {len(_REDIS_DBS)} run in parallel "
+        "(three Redis databases each); pass a smaller -n"
+    )
+#: Appended to the names of what a test makes on a shared server (databases).
+WORKER_SUFFIX = f"_{XDIST_WORKER}" if _worker_index else ""
+
+
+def _worker_database(url: str) -> str:
+    """``url`` itself for the first pytest process, else a database of the
+    process's own beside it (made on first use)."""
+    if not WORKER_SUFFIX:
+        return url
+    base, name = url.rsplit("/", 1)
+    return f"{base}/{name}{WORKER_SUFFIX}"
+
+
+_POSTGRES_BASE_URL = os.environ.get(
     "FLEET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+POSTGRES_URL = _worker_database(_POSTGRES_BASE_URL)
 
 # The in-process Celery app (config.app) reads FLEET_* once, at import: set
 # them before any test module imports it.
@@ -47,10 +75,12 @@ if not ping(_redis_base):
     _embedded = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="fleet-test-redis-")), port=free_port())
     _embedded.start()
     _redis_base = f"redis://127.0.0.1:{_embedded.port}"
-BROKER_URL = f"{_redis_base}/11"
-LOCKS_URL = f"{_redis_base}/12"
+BROKER_URL = f"{_redis_base}/{_REDIS_DBS[_worker_index][0]}"
+LOCKS_URL = f"{_redis_base}/{_REDIS_DBS[_worker_index][1]}"
 os.environ["FLEET_BROKER_URL"] = BROKER_URL
 os.environ["FLEET_REDIS_URL"] = LOCKS_URL
+# The plugin's ``fleet`` fixture flushes its database around every test.
+os.environ["FLEET_TEST_REDIS_DB"] = str(_REDIS_DBS[_worker_index][2])
 os.environ.setdefault("FLEET_LOG_LEVEL", "INFO")
 
 
@@ -80,10 +110,27 @@ def redis_client() -> Iterator[redis.Redis]:
     client.close()
 
 
+def create_postgres_database(name: str, *, fresh: bool) -> str:
+    """The URL of database ``name`` beside :data:`POSTGRES_URL`, made if
+    missing (dropped and made again with ``fresh``)."""
+    import psycopg
+
+    admin = _POSTGRES_BASE_URL.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin, autocommit=True, connect_timeout=2) as conn:
+        if fresh:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if found is None:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    return POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+
+
 def postgres_available() -> bool:
     try:
         import psycopg
 
+        if WORKER_SUFFIX:
+            create_postgres_database(POSTGRES_URL.rsplit("/", 1)[1], fresh=False)
         dsn = POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://")
         with psycopg.connect(dsn, connect_timeout=2):
             return True

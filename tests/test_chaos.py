@@ -21,7 +21,7 @@ from fleetworks.agent import Fleet
 from fleetworks.db import transaction
 from fleetworks.models import OUTCOMES
 from fleetworks.proving.faults import DEFAULT_KINDS, HOST_KINDS
-from tests.conftest import POSTGRES_URL, _require_postgres
+from tests.conftest import WORKER_SUFFIX, _require_postgres, create_postgres_database
 from tests.test_cli import embedded_env, fleetworks
 from tests.test_netns import require_netns
 
@@ -33,13 +33,7 @@ def chaos_postgres_url(name: str = CHAOS_DB) -> str:
     """A fresh database for one run: what an earlier run (of any revision) left
     in it must not decide this one."""
     _require_postgres()
-    import psycopg
-
-    admin = POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    return create_postgres_database(name + WORKER_SUFFIX, fresh=True)
 
 
 def run_chaos(

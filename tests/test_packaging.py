@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -40,3 +42,26 @@ def test_the_wheel_holds_only_fleetworks_with_its_typing_marker_and_plugin(
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[pytest11]" in text and "fleetworks = fleetworks.testing" in text
     assert "[console_scripts]" in text and "fleetworks = fleetworks.cli:main" in text
+
+
+@pytest.mark.parametrize(
+    ("env", "db"),
+    [
+        ({}, "13"),
+        ({"PYTEST_XDIST_WORKER": "gw0"}, "13"),
+        ({"PYTEST_XDIST_WORKER": "gw3"}, "10"),
+        ({"PYTEST_XDIST_WORKER": "gw3", "FLEET_TEST_REDIS_DB": "5"}, "5"),
+    ],
+)
+def test_the_plugins_redis_database_differs_per_xdist_process(
+    env: dict[str, str], db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``fleet`` fixture flushes its database: two pytest-xdist processes
+    sharing one would flush each other's queues and bindings mid-test."""
+    from fleetworks.testing import _redis_db
+
+    for name in ("PYTEST_XDIST_WORKER", "FLEET_TEST_REDIS_DB"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _redis_db() == db
