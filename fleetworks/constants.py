@@ -108,6 +108,9 @@ SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
 #: the first pause, doubled up to the last (see ``fleetworks.db``).
 SQLITE_LOCK_POLL_MIN_S: Final = 0.0002
 SQLITE_LOCK_POLL_MAX_S: Final = 0.002
+#: A pooled PostgreSQL connection idle at least this many seconds is tested
+#: (``SELECT 1``) before use; a busy one is not (see ``fleetworks.db``).
+DB_PING_IDLE_S: Final = 5.0
 
 # --- Embedded services ------------------------------------------------------
 

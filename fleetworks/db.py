@@ -5,7 +5,15 @@ timeout so concurrent workers queue instead of failing, and ``BEGIN
 IMMEDIATE`` so a transaction takes the write lock up front (a deferred
 transaction that reads and then writes can fail at once with
 ``database is locked`` instead of waiting); :func:`reading` opens a deferred
-one for reads, which never wait for a writer. PostgreSQL is used as is.
+one for reads, which never wait for a writer.
+
+PostgreSQL connections are pooled and tested before use only after sitting
+idle for ``DB_PING_IDLE_S``: SQLAlchemy's ``pool_pre_ping`` pings on every
+checkout, a round trip for each of a guarded task's transactions, while a
+connection in steady use is the least likely to be gone (a server restart
+or an idle timeout finds the idle ones). One that breaks in use raises an
+``OperationalError``, which invalidates the pool and which the guard waits
+out like any unreachable database.
 
 Engines are never shared across ``fork()``: :func:`reset_after_fork` is
 called from ``worker_process_init`` and drops the parent's pool without
@@ -24,7 +32,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 
 from fleetworks import constants as c
 
@@ -102,9 +110,33 @@ def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = _sqlite_engine(url)
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+        engine = create_engine(url, pool_size=5, max_overflow=5)
+        _ping_when_idle(engine)
     _engines[url] = (pid, engine)
     return engine
+
+
+_IDLE_SINCE = "fleet_idle_since"
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Test a pooled connection on checkout if it sat idle ``DB_PING_IDLE_S``."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.pop(_IDLE_SINCE, None)
+        idle = time.monotonic() - since if since is not None else 0.0
+        if idle < c.DB_PING_IDLE_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            # The pool drops this connection and checks out another (a new one).
+            raise DisconnectionError(f"a connection idle {idle:.0f} s is gone") from exc
 
 
 def reset_after_fork() -> None:
