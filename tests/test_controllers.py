@@ -334,8 +334,11 @@ def test_the_demo_tells_a_command_in_flight_at_the_stop_from_a_late_one(
     database_url: str,
 ) -> None:
     """A command the stopped replica began before SIGSTOP and that landed after
-    it (its transaction held through the stop) is in flight, not late; one it
-    began after waking, with its old term, is late and must be refused."""
+    it (its transaction held through the stop) is in flight, not late, and so
+    is one of the same cycle sent on waking before any newer term landed (the
+    lock it held kept the new leader out); one it began after waking, with
+    its old term, that landed once a newer term had, is late and must be
+    refused."""
     from datetime import UTC, datetime, timedelta
 
     from agents import iot
@@ -352,12 +355,14 @@ def test_the_demo_tells_a_command_in_flight_at_the_stop_from_a_late_one(
         ).scalar() or 0)  # fmt: skip
     stopped_at = datetime(2027, 3, 1, 12, 0, tzinfo=UTC)
     # Given the stopped replica (pid 41) held term 3: one command begun before
-    # the stop and taken, one begun after waking and refused, one from another
-    # replica, and one with a newer term it won later
+    # the stop and taken, one sent on waking before any newer term landed and
+    # taken, one from the new leader, one begun after waking and refused, and
+    # one with a newer term it won later
     rows = [
         ("r/41", 3, True, stopped_at - timedelta(seconds=1)),
-        ("r/41", 3, False, stopped_at + timedelta(seconds=5)),
+        ("r/41", 3, True, stopped_at + timedelta(seconds=4)),
         ("r/42", 4, True, stopped_at + timedelta(seconds=2)),
+        ("r/41", 3, False, stopped_at + timedelta(seconds=5)),
         ("r/41", 5, True, stopped_at + timedelta(seconds=9)),
     ]
     with transaction(database_url) as conn:
@@ -368,5 +373,6 @@ def test_the_demo_tells_a_command_in_flight_at_the_stop_from_a_late_one(
             ))  # fmt: skip
     # When the demo splits them
     late = late_commands(database_url, since, 41, {group: 3}, stopped_at)
-    # Then the one begun after waking is late (and was refused); the other in flight
-    assert late == Late(sent=1, refused=1, in_flight=1, in_flight_accepted=1)
+    # Then the one that met the newer term is late (and was refused); the two
+    # that landed before any newer term are in flight
+    assert late == Late(sent=1, refused=1, in_flight=2, in_flight_accepted=2)

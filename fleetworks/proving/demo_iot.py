@@ -76,9 +76,10 @@ class LeadersReport:
     commands_lost: int = 0
     late_commands_sent: int = 0
     late_commands_refused: int = 0
-    #: Commands the stopped replica had begun before SIGSTOP that landed after
-    #: it (on SQLite its transaction may hold the write lock through the stop,
-    #: so no newer term can land before it), and how many were accepted.
+    #: Commands the stopped replica had begun before SIGSTOP, or sent on waking
+    #: before its regions took a newer term (on SQLite its transaction may hold
+    #: the write lock through the stop, so no newer term can land before it),
+    #: and how many were accepted.
     in_flight_at_stop: int = 0
     in_flight_accepted: int = 0
     no_leader_s: dict[str, float] = field(default_factory=dict)
@@ -182,26 +183,6 @@ def count_commands(url: str, since_id: int) -> tuple[int, int, int]:
     return accepted, refused, deposed
 
 
-def newer_terms_taken(url: str, since_id: int, held: dict[str, int]) -> bool:
-    """Every group in ``held`` took a command after ``since_id`` with a term
-    higher than the one held."""
-    from agents.iot import GROUP_PREFIX
-    from tasks.schema import DEVICE_COMMANDS
-
-    d = DEVICE_COMMANDS.c
-    with reading(url) as conn:
-        taken = dict(
-            conn.execute(
-                select(d.region, func.max(d.term))
-                .where(d.id > since_id, d.accepted.is_(True))
-                .group_by(d.region)
-            ).all()
-        )
-    return all(
-        int(taken.get(group.removeprefix(GROUP_PREFIX), 0)) > term for group, term in held.items()
-    )
-
-
 def lost_commands(url: str, since_id: int) -> int:
     """Devices that do not hold the setpoint and term of the last command they
     accepted after ``since_id`` (or, with none, still hold the seeded target
@@ -235,36 +216,59 @@ def lost_commands(url: str, since_id: int) -> int:
 class Late:
     """What the stopped replica sent with the term it held, once resumed."""
 
-    #: Begun after it was stopped (it woke believing it led): all must be refused.
+    #: Begun after it was stopped (it woke believing it led) and landed once
+    #: its region had taken a newer term: all must be refused.
     sent: int
     refused: int
-    #: Begun before the stop, landed after it: taken only if no newer term had.
+    #: Begun before the stop, or landed before its region took a newer term:
+    #: taken only if no newer term had.
     in_flight: int
     in_flight_accepted: int
 
 
 def late_commands(
-    url: str, since_id: int, sender_pid: int, held: dict[str, int], stopped_at: datetime
+    url: str,
+    since_id: int,
+    sender_pid: int,
+    held: dict[str, int],
+    stopped_at: datetime,
+    *,
+    history_from: int = 0,
 ) -> Late:
     """The commands recorded after ``since_id`` from the resumed replica with a
-    term no higher than the one it held for that region when it was stopped,
-    split by when the replica began each (``created_at`` is stamped before its
-    transaction begins): after ``stopped_at``, or before it (in flight)."""
+    term no higher than the one it held for that region when it was stopped.
+
+    Late: begun after ``stopped_at`` (``created_at`` is stamped before its
+    transaction begins) and landed once its region had taken a newer term,
+    so the fence must refuse it. In flight: begun before the stop, or landed
+    before any newer term in its region. A cycle checks that it leads once,
+    when it starts, so a replica stopped mid-cycle sends the rest of the cycle
+    on waking; on SQLite, a replica stopped inside its transaction holds the
+    write lock through the stop, so no newer leader can land a command first,
+    and such a command is the newest its region has seen. Commands after
+    ``history_from`` say which terms each region had taken.
+    """
     from agents.iot import GROUP_PREFIX
     from tasks.schema import DEVICE_COMMANDS
 
     d = DEVICE_COMMANDS.c
     with reading(url) as conn:
         rows = conn.execute(
-            select(d.sender, d.region, d.term, d.accepted, d.created_at).where(d.id > since_id)
+            select(d.id, d.sender, d.region, d.term, d.accepted, d.created_at)
+            .where(d.id > min(history_from, since_id))
+            .order_by(d.id)
         ).all()
-    mine = [
-        (bool(ok), _aware(at) < stopped_at)
-        for sender, region, term, ok, at in rows
-        if _pid(str(sender)) == sender_pid and term <= held.get(GROUP_PREFIX + region, 0)
-    ]
-    late = [ok for ok, before in mine if not before]
-    early = [ok for ok, before in mine if before]
+    taken: dict[str, int] = {}
+    late: list[bool] = []
+    early: list[bool] = []
+    for row_id, sender, region, term, ok, at in rows:
+        newer_taken = taken.get(region, 0) > term
+        if ok:
+            taken[region] = max(taken.get(region, 0), int(term))
+        mine = _pid(str(sender)) == sender_pid and term <= held.get(GROUP_PREFIX + region, 0)
+        if row_id <= since_id or not mine:
+            continue
+        (late if _aware(at) >= stopped_at and newer_taken else early).append(bool(ok))
     return Late(len(late), sum(1 for ok in late if not ok), len(early), sum(early))
 
 
@@ -339,17 +343,16 @@ def run_iot(
         # Stamped once it is frozen: what it began before this, it began before the stop.
         stopped_at = datetime.now(UTC)
         watch.until(lambda: False, max(0.0, lease_s + 1.0))  # well past its lease
-        # Its regions' new leaders have acted: each region took a newer term.
-        # (Until one does, a late command with the old term is the newest the
-        # region has seen and may be taken: that is no deposed leader acting.)
-        watch.until(lambda: newer_terms_taken(url, since, held), 30)
         before_cont = _watermark(url)
         stopped.signal(signal.SIGCONT)
         watch.down.discard(stopped.pid)
         echo(f"iot demo: SIGCONT {stopped.name}")
         watch.until(lambda: False, lease_s + 2.0)  # it wakes, acts late, steps down, rejoins
         progress.update("iot: faults", 2, 2)
-        _note_late(report, late_commands(url, before_cont, stopped.pid, held, stopped_at))
+        _note_late(
+            report,
+            late_commands(url, before_cont, stopped.pid, held, stopped_at, history_from=since),
+        )
         report.no_leader_s = {g: round(s, 2) for g, s in watch.no_leader_s.items()}
         report.terms = watch.terms
     finally:
