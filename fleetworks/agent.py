@@ -220,7 +220,8 @@ class Fleet:
         self._locks: EntityLocks | None = None
         self._client_id = 0
         self.heartbeat = Heartbeat(lambda: self.locks)
-        self.guard = Guard(self.ledger, lambda: self.locks, self.heartbeat, app=app)
+        self.guard = Guard(self.ledger, lambda: self.locks, self.heartbeat, app=app,
+                           done_mark_s=self.timings.done_mark_s)  # fmt: skip
         self.agents: dict[str, AgentSpec] = {}
         #: The queue of each batch agent (:mod:`fleetworks.batch`), by agent name.
         self.batch_queues: dict[str, str] = {}

@@ -44,7 +44,7 @@ class ClaimVerdict(StrEnum):
 class Claim:
     verdict: ClaimVerdict
     attempts: int = 0
-    #: For STALE: the fencing token already stored for the key.
+    #: For STALE and DUPLICATE: the fencing token already stored for the key.
     stored_token: int | None = None
     #: For DUPLICATE: the terminal status found.
     status: str | None = None
@@ -149,7 +149,7 @@ def _claim_upsert(dialect: str, stmt: Any = None) -> Any:
             {name: bindparam(name) for name in _CLAIM_COLUMNS}
             | {
                 "status": Status.CLAIMED,
-                "attempts": 1,
+                "attempts": bindparam("attempts"),
                 "started_at": bindparam("started_at"),
                 "payload": bindparam("payload", type_=_outcomes.c.payload.type),
             }
@@ -176,6 +176,46 @@ def _claim_upsert(dialect: str, stmt: Any = None) -> Any:
         where=((_outcomes.c.status == Status.CLAIMED) | (_outcomes.c.status == Status.FAILED))
         & (_outcomes.c.fencing_token < stmt.excluded.fencing_token),
     )
+
+
+@lru_cache(maxsize=4)
+def _settle_statement(dialect: str) -> Any:
+    """The one-statement outcome of a run that claimed nothing beforehand:
+    insert the key's final row, or move a ``claimed``/``failed`` row held with
+    a lower fencing token to it; a row already final, or held with a token as
+    high, is left as it is (no row returned)."""
+    stmt = upsert_for(dialect, _outcomes).values(
+        {name: bindparam(name) for name in _CLAIM_COLUMNS}
+        | {
+            "status": bindparam("status"),
+            "attempts": 1,
+            "started_at": bindparam("started_at"),
+            "finished_at": bindparam("finished_at"),
+            "payload": bindparam("payload", type_=_outcomes.c.payload.type),
+            "result": bindparam("result", type_=_outcomes.c.result.type),
+            "error": bindparam("error"),
+        }
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=[_outcomes.c.idempotency_key],
+        set_={
+            "status": stmt.excluded.status,
+            "attempts": _outcomes.c.attempts + 1,
+            "fencing_token": stmt.excluded.fencing_token,
+            "task_id": stmt.excluded.task_id,
+            "worker": stmt.excluded.worker,
+            "started_at": stmt.excluded.started_at,
+            "finished_at": stmt.excluded.finished_at,
+            "payload": stmt.excluded.payload,
+            "queue": stmt.excluded.queue,
+            "queued_at": stmt.excluded.queued_at,
+            "result": stmt.excluded.result,
+            "error": stmt.excluded.error,
+            "reaped_at": None,
+        },
+        where=((_outcomes.c.status == Status.CLAIMED) | (_outcomes.c.status == Status.FAILED))
+        & (_outcomes.c.fencing_token < stmt.excluded.fencing_token),
+    ).returning(_outcomes.c.attempts)
 
 
 _FINISH = (
@@ -210,30 +250,69 @@ def claim(
     payload: Any = None,
     queue: str | None = None,
     queued_at: datetime | None = None,
+    deliveries: int = 1,
 ) -> Claim:
     """Claim ``idempotency_key`` for a run holding ``fencing_token``; ``queued_at``
-    is when its message was published (the queue wait metric)."""
-    row = conn.execute(
-        _claim_statement(conn.dialect.name),
-        {
-            "agent": agent,
-            "entity_key": entity_key,
-            "idempotency_key": idempotency_key,
-            "fencing_token": fencing_token,
-            "task_id": stored_task_id(task_id),
-            "worker": worker,
-            "queue": queue,
-            "payload": payload,
-            "queued_at": queued_at,
-            "started_at": now(),
-        },
-    ).first()
+    is when its message was published (the queue wait metric). A first claim
+    counts ``deliveries`` (those before it that claimed nothing, and died);
+    a later one adds one to the count stored."""
+    params = _run_params(
+        agent, entity_key, idempotency_key, fencing_token, task_id, worker, queue, queued_at
+    )
+    params |= {"attempts": max(1, deliveries), "payload": payload, "started_at": now()}
+    return _upsert(conn, _claim_statement(conn.dialect.name), params)
+
+
+def _run_params(*values: Any) -> dict[str, Any]:
+    """The columns of one run's row, in :data:`_CLAIM_COLUMNS` order."""
+    params = dict(zip(_CLAIM_COLUMNS, values, strict=True))
+    params["task_id"] = stored_task_id(params["task_id"])
+    return params
+
+
+def _upsert(conn: Connection, statement: Any, params: dict[str, Any]) -> Claim:
+    """Run a fenced upsert of one key: ``RUN`` if it wrote the row, else what
+    the row it left says (``DUPLICATE`` if final, ``STALE`` if held with a
+    token as high)."""
+    row = conn.execute(statement, params).first()
     if row is not None:
         return Claim(ClaimVerdict.RUN, attempts=int(row[0]))
-    found = conn.execute(_FOUND, {"key": idempotency_key}).one()
+    found = conn.execute(_FOUND, {"key": params["idempotency_key"]}).one()
     if found.status in TERMINAL:
-        return Claim(ClaimVerdict.DUPLICATE, status=found.status)
+        return Claim(ClaimVerdict.DUPLICATE, status=found.status, stored_token=found.fencing_token)
     return Claim(ClaimVerdict.STALE, stored_token=found.fencing_token)
+
+
+def settle(
+    conn: Connection,
+    *,
+    agent: str,
+    entity_key: str,
+    idempotency_key: str,
+    fencing_token: int,
+    task_id: str | None,
+    worker: str | None,
+    started_at: datetime,
+    status: Status = Status.SUCCEEDED,
+    payload: Any = None,
+    result: Any = None,
+    error: str | None = None,
+    queue: str | None = None,
+    queued_at: datetime | None = None,
+) -> Claim:
+    """Record the outcome of a run that did not :func:`claim` first, in one
+    statement, fenced as a claim is: ``RUN`` (with the key's deliveries so far)
+    if it was written; ``DUPLICATE`` if the key was already final, ``STALE`` if
+    its row is held with a token as high as this one. The caller's transaction
+    (with the run's effects) commits only on ``RUN``."""
+    params = _run_params(
+        agent, entity_key, idempotency_key, fencing_token, task_id, worker, queue, queued_at
+    )
+    params |= {
+        "status": status, "started_at": started_at, "finished_at": now(), "payload": payload,
+        "result": result, "error": _clip(error),
+    }  # fmt: skip
+    return _upsert(conn, _settle_statement(conn.dialect.name), params)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,19 @@ BEAT_LEADER_ENTITY: Final = "beat-leader:"
 OUTBOX_KEY: Final = KEY_PREFIX + "outbox"
 OUTBOX_AT_KEY: Final = KEY_PREFIX + "outbox:at"
 
+#: A run's in-flight record, written with its lease (:mod:`fleetworks.locks`):
+#: ``fleet:inflight`` is a hash, idempotency key -> the run (JSON: agent,
+#: entity, task id, worker, queue, payload); ``fleet:inflight:owner`` the
+#: lease token of the run that wrote it; ``fleet:inflight:at`` a sorted set of
+#: when it was written (the reaper's scan, :mod:`fleetworks.reaper`);
+#: ``fleet:inflight:tries`` the deliveries leased since the record was last
+#: dropped. ``fleet:done:<key>``: the key succeeded lately (a done mark).
+INFLIGHT_KEY: Final = KEY_PREFIX + "inflight"
+INFLIGHT_OWNER_KEY: Final = KEY_PREFIX + "inflight:owner"
+INFLIGHT_AT_KEY: Final = KEY_PREFIX + "inflight:at"
+INFLIGHT_TRIES_KEY: Final = KEY_PREFIX + "inflight:tries"
+DONE_KEY: Final = KEY_PREFIX + "done:"
+
 # --- Queues -----------------------------------------------------------------
 
 #: Count: messages per pipeline when publishing a fan-out. One round trip

@@ -171,7 +171,10 @@ class RunContext:
     idempotency_key: str
     entity_key: str
     lease: Lease
-    #: Claims of this key so far, this one included.
+    #: Deliveries of this key so far, this one included. A key's first
+    #: delivery reads nothing from the database before its behaviour: 1 (a
+    #: key republished after a failed attempt whose retry message was lost
+    #: reads 1 too, and its outcome row keeps the true count).
     attempts: int
     database_url: str
     #: The queue the message came from.

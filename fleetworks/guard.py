@@ -8,18 +8,26 @@
    database stores, the agent's pydantic model, the idempotency key. Bad
    input ends here as one ``rejected`` row naming the problem; never retried.
 2. **lease**: a Redis lease on the entity with a fencing token, renewed by
-   the process heartbeat while the run lasts. On contention a key already
-   done is a counted duplicate; otherwise the retry policy decides.
-   A subscriber's event waits here behind an earlier event of its key.
-3. **claim**: the key's row in the results database, one statement. A key
-   already done is skipped; a key claimed too often is ``dead``; a claim
-   that finds a higher token than Redis handed out (Redis lost its data)
-   raises the fence past it and re-queues.
+   the process heartbeat while the run lasts; the same script writes the
+   run's in-flight record and counts the key's deliveries
+   (:mod:`fleetworks.inflight`). A key with a done mark (it succeeded lately)
+   is a counted duplicate here, with no database round trip. On contention a
+   key already done is a counted duplicate; otherwise the retry policy
+   decides. A subscriber's event waits here behind an earlier event of its key.
+3. **claim**, for any delivery but the key's first (an earlier one did not
+   finish, or Celery retries it): the key's row in the results database, one
+   statement. A key already done is skipped; a key delivered too often is
+   ``dead``; a claim that finds a higher token than Redis handed out (Redis
+   lost its data) raises the fence past it and re-queues. A first delivery
+   claims nothing: its row is written once, at settle.
 4. **behaviour**: the agent's code, with a :class:`~fleetworks.context.RunContext`.
 5. **settle**: on success the ``succeeded`` row commits in the same
    transaction as the behaviour's effects, and only while the fencing token is
-   current; on failure the policy says ``failed`` (retried) or ``dead``; a
-   lost lease or superseded token is a ``stale_write`` event, never retried.
+   current (a first delivery's row by one fenced upsert that writes nothing,
+   and so rolls the effects back, when the key is already done or held with
+   a token as high); on failure the policy says ``failed`` (retried) or
+   ``dead``; a lost lease or superseded token is a ``stale_write`` event,
+   never retried.
 
 While Redis or the database is unreachable the whole run waits in place and
 starts again (the policy bounds the wait, then re-queues). Every decision is
@@ -43,12 +51,12 @@ from celery import Celery
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from fleetworks import claims, events, inflight, logs, message, outbox, timing, tracing
 from fleetworks import constants as c
-from fleetworks import events, logs, message, outbox, tracing
 from fleetworks.claims import ClaimVerdict, StaleWriteError
 from fleetworks.context import AgentSpec, Identity, RunContext
 from fleetworks.ledger import Ledger, RunId
-from fleetworks.locks import EntityLocks, Heartbeat, Lease, LeaseLostError
+from fleetworks.locks import EntityLocks, Heartbeat, KeyDone, Lease, LeaseLostError
 from fleetworks.models import Ended, EventKind, Status
 from fleetworks.retry import Facts, GiveUp, Proceed, Retry, RetryPolicy, Situation, Wait
 
@@ -83,6 +91,14 @@ class RetryRequested(Exception):
         self.exc = exc
 
 
+class _Refused(Exception):
+    """A first run's outcome was not written (see :meth:`Guard._refused`)."""
+
+    def __init__(self, claim: claims.Claim) -> None:
+        super().__init__(str(claim.verdict))
+        self.claim = claim
+
+
 class _Ended(Exception):
     """A stage ended the run early; ``result`` is what the task returns."""
 
@@ -111,6 +127,28 @@ class Delivery:
     trace: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class _Progress:
+    """How far one run has got with the results database."""
+
+    delivery: Delivery
+    parsed: Parsed
+    started_at: datetime
+    #: The key's first delivery: run without claiming it; the outcome row is
+    #: written once, with the effects (:meth:`Guard.settle`).
+    first: bool
+    #: The key's row is final (this run's outcome committed, or it found the
+    #: key done or dead): its in-flight record may go. Until then the record
+    #: stays, so the key's next delivery claims first and counts deliveries.
+    final: bool = False
+    #: The key is known to have succeeded (by this run or an earlier one).
+    succeeded: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.parsed.identity.key
+
+
 @dataclass(frozen=True, slots=True)
 class Parsed:
     payload: Any
@@ -127,9 +165,12 @@ class Guard:
         locks: Callable[[], EntityLocks],
         heartbeat: Heartbeat,
         policy: RetryPolicy | None = None,
+        *,
         app: Celery | None = None,
+        done_mark_s: float = timing.DONE_MARK_MIN_S,
     ) -> None:
         self.app = app
+        self.done_mark_ms = int(done_mark_s * 1000)
         self.ledger = ledger
         self.locks = locks
         self.heartbeat = heartbeat
@@ -140,7 +181,7 @@ class Guard:
         started, tries = time.monotonic(), 0
         while True:
             try:
-                return self._once(spec, behaviour, delivery)
+                return self._once(spec, behaviour, delivery, again=tries > 0)
             except _Ended as ended:
                 return ended.result
             except UNREACHABLE as exc:
@@ -157,18 +198,25 @@ class Guard:
                 time.sleep(decision.seconds)
                 tries += 1
 
-    def _once(self, spec: AgentSpec, behaviour: Behaviour, delivery: Delivery) -> Any:
+    def _once(
+        self, spec: AgentSpec, behaviour: Behaviour, delivery: Delivery, *, again: bool = False
+    ) -> Any:
         parsed = self.parse(spec, delivery)
         run = RunId(spec.name, parsed.identity.key, delivery.task_id, delivery.worker)
         entity = parsed.identity.entity
         tracing.run_attributes(spec.name, run.key, entity)
+        started_at = claims.now()
         with _stage("lease", run, entity) as span:
-            lease = self.lease(spec, delivery, parsed, run)
+            lease = self.lease(spec, delivery, parsed, run, again=again)
             span.set_attribute("fleetworks.fencing_token", lease.fencing_token)
+        first = lease.deliveries == 1 and delivery.retries == 0
+        progress = _Progress(delivery, parsed, started_at, first=first)
         try:
+            attempts = 1
             with _stage("claim", run, entity, lease.fencing_token):
                 self._in_order(spec, delivery, parsed, run)
-                attempts = self.claim(spec, delivery, parsed, run, lease)
+                if not first:
+                    attempts = self.claim(spec, delivery, parsed, run, lease, progress=progress)
             ctx = RunContext(
                 spec=spec, task_id=delivery.task_id, worker=delivery.worker,
                 payload=parsed.payload, idempotency_key=run.key,
@@ -176,9 +224,9 @@ class Guard:
                 database_url=self.ledger.database_url, queue=delivery.queue, app=self.app,
                 resumed=parsed.resumed,
             )  # fmt: skip
-            return self.settle(spec, ctx, run, behaviour)
+            return self.settle(spec, ctx, run, behaviour, progress)
         finally:
-            self._release(lease)
+            self._release(lease, progress)
 
     # -- 1. parse --------------------------------------------------------------
 
@@ -219,10 +267,26 @@ class Guard:
 
     # -- 2. lease --------------------------------------------------------------
 
-    def lease(self, spec: AgentSpec, delivery: Delivery, parsed: Parsed, run: RunId) -> Lease:
+    def lease(
+        self,
+        spec: AgentSpec,
+        delivery: Delivery,
+        parsed: Parsed,
+        run: RunId,
+        *,
+        again: bool = False,
+    ) -> Lease:
         entity = parsed.identity.entity
         locks = self.locks()
-        lease = locks.acquire(entity, spec.lock_ttl_s, delivery.delivery_tag, delivery.task_id)
+        record = inflight.encode(
+            agent=spec.name, entity=entity, task_id=delivery.task_id, worker=delivery.worker,
+            queue=delivery.queue, payload=parsed.raw,
+        )  # fmt: skip
+        lease = locks.acquire_run(entity, spec.lock_ttl_s, delivery.delivery_tag,
+                                  delivery.task_id, key=run.key, record=record,
+                                  count=not again)  # fmt: skip
+        if isinstance(lease, KeyDone):
+            self._end(run, EventKind.SKIPPED_DUPLICATE, f"key already {Status.SUCCEEDED}")
         if lease is not None:
             self.heartbeat.watch(lease)
             logs.bind(fencing_token=lease.fencing_token)
@@ -252,10 +316,12 @@ class Guard:
         self.ledger.event(run, EventKind.DEFERRED, f"after event {earlier} of its key")
         raise RetryRequested(decision.countdown, decision.reason)
 
-    def _release(self, lease: Lease) -> None:
+    def _release(self, lease: Lease, progress: _Progress) -> None:
         self.heartbeat.unwatch(lease)
+        settled_key = progress.key if progress.final else None
+        mark_ms = self.done_mark_ms if progress.succeeded else 0
         try:
-            self.locks().release(lease)
+            self.locks().release(lease, settled_key, mark_ms)
         except redis.RedisError as exc:
             # The outcome is already written; the lease expires by itself.
             log.warning("could not release lease on %s (%s); it expires in %d ms",
@@ -264,13 +330,31 @@ class Guard:
     # -- 3. claim --------------------------------------------------------------
 
     def claim(
-        self, spec: AgentSpec, delivery: Delivery, parsed: Parsed, run: RunId, lease: Lease
+        self,
+        spec: AgentSpec,
+        delivery: Delivery,
+        parsed: Parsed,
+        run: RunId,
+        lease: Lease,
+        *,
+        progress: _Progress,
     ) -> int:
+        """Claim the key before the behaviour runs: for a delivery that is not
+        the key's first (an earlier one did not finish, or Celery retries it),
+        where the deliveries must be counted."""
         got = self.ledger.claim(
             run, entity=parsed.identity.entity, token=lease.fencing_token, payload=parsed.raw,
             queue=delivery.queue, queued_at=_published_at(delivery.sent_at),
+            deliveries=lease.deliveries,
         )  # fmt: skip
         if got.verdict is ClaimVerdict.DUPLICATE:
+            progress.final = True
+            progress.succeeded = got.status == Status.SUCCEEDED
+            if progress.first and (got.stored_token or 0) > lease.fencing_token:
+                # A first run's failure, recorded after a newer holder finished
+                # the key (this run stalled past its lease): a late write.
+                detail = f"token {lease.fencing_token}, key {got.status} with {got.stored_token}"
+                self._end(run, EventKind.STALE_WRITE, f"{FENCING_REFUSED}: {detail}")
             kind = (
                 EventKind.SKIPPED_DEAD if got.status == Status.DEAD else EventKind.SKIPPED_DUPLICATE
             )
@@ -285,6 +369,7 @@ class Guard:
         decision = self.policy.decide(spec, Facts(Situation.DELIVERED, attempts=got.attempts))
         if isinstance(decision, GiveUp):
             self.ledger.declare_dead(run, lease.fencing_token, decision.reason)
+            progress.final = True
             self._end(run, EventKind.SKIPPED_DEAD, f"declared dead after {got.attempts} deliveries")
         assert isinstance(decision, Proceed)
         logs.bind(attempt=got.attempts)
@@ -292,7 +377,14 @@ class Guard:
 
     # -- 4 and 5. behaviour, settle ---------------------------------------------
 
-    def settle(self, spec: AgentSpec, ctx: RunContext, run: RunId, behaviour: Behaviour) -> Any:
+    def settle(
+        self,
+        spec: AgentSpec,
+        ctx: RunContext,
+        run: RunId,
+        behaviour: Behaviour,
+        progress: _Progress,
+    ) -> Any:
         token = ctx.fencing_token
         with ExitStack() as settling:
             try:
@@ -302,32 +394,84 @@ class Guard:
                     result = result.as_result()
                 settling.enter_context(_stage("settle", run, ctx.entity_key, token))
                 ctx.check_lease()
-                self.ledger.settle(ctx.db, run, ctx.fencing_token, result)
+                if not progress.first:
+                    self.ledger.settle(ctx.db, run, token, result)
+                else:
+                    got = self.ledger.settle_unclaimed(
+                        ctx.db, run, entity=ctx.entity_key, token=token, result=result,
+                        payload=progress.parsed.raw, queue=progress.delivery.queue,
+                        queued_at=_published_at(progress.delivery.sent_at),
+                        started_at=progress.started_at,
+                    )  # fmt: skip
+                    if got.verdict is not ClaimVerdict.RUN:
+                        raise _Refused(got)
+                    ctx.attempts = got.attempts
             except BaseException as exc:
                 ctx.close_db(commit=False)
-                self._settle_error(spec, ctx, run, exc)
+                if isinstance(exc, _Refused):
+                    self._refused(ctx, run, exc.claim, progress)
+                self._settle_error(spec, ctx, run, exc, progress)
                 raise
             try:
                 ctx.close_db(commit=True)
             except STALE as exc:
                 self._stale(run, exc)
+            progress.final = progress.succeeded = True
         if ctx.emitted:
             events.wake(self.locks().client)
         return result
 
+    def _refused(
+        self, ctx: RunContext, run: RunId, got: claims.Claim, progress: _Progress
+    ) -> NoReturn:
+        """A first run's outcome found the key final, or held with a token as
+        high as its own; its effects are rolled back. A key finished under a
+        higher token than this run's was taken over while this run stalled:
+        its write is a stale one, as a claimed run's would be."""
+        if got.verdict is ClaimVerdict.DUPLICATE and (got.stored_token or 0) > ctx.fencing_token:
+            progress.final = True
+            progress.succeeded = got.status == Status.SUCCEEDED
+            detail = f"token {ctx.fencing_token}, key {got.status} with {got.stored_token}"
+            self._end(run, EventKind.STALE_WRITE, f"{FENCING_REFUSED}: {detail}")
+        if got.verdict is ClaimVerdict.DUPLICATE:
+            progress.final = True
+            progress.succeeded = got.status == Status.SUCCEEDED
+            kind = (
+                EventKind.SKIPPED_DEAD if got.status == Status.DEAD else EventKind.SKIPPED_DUPLICATE
+            )
+            self._end(run, kind, f"key already {got.status}; effects rolled back")
+        # A newer holder has the key, or the fence counter is behind the
+        # ledger (Redis lost its data): move it past the stored token and
+        # deliver again; the next run claims first and finds out which.
+        self.locks().raise_fence(ctx.entity_key, got.stored_token or 0)
+        detail = f"{FENCING_REFUSED}: token {ctx.fencing_token}, key held with {got.stored_token}"
+        self.ledger.event(run, EventKind.STALE_WRITE, detail)
+        raise RetryRequested(0.0, detail)
+
     def _settle_error(
-        self, spec: AgentSpec, ctx: RunContext, run: RunId, exc: BaseException
+        self,
+        spec: AgentSpec,
+        ctx: RunContext,
+        run: RunId,
+        exc: BaseException,
+        progress: _Progress,
     ) -> None:
         """Record what a failed behaviour or settle means; raises what the task should raise."""
         if isinstance(exc, STALE):
             self._stale(run, exc)
         if isinstance(exc, UNREACHABLE) or not isinstance(exc, Exception):
             return  # waited out by run(), or a signal/exit that must propagate
+        if progress.first:
+            # A first run records its failure the way a claimed one does:
+            # claim the key now (its deliveries counted), then fail it.
+            ctx.attempts = self.claim(spec, progress.delivery, progress.parsed, run, ctx.lease,
+                                      progress=progress)  # fmt: skip
         facts = Facts(Situation.FAILED, attempts=ctx.attempts, error=exc)
         decision = self.policy.decide(spec, facts)
         dead = isinstance(decision, GiveUp)
         try:
             self.ledger.fail(run, ctx.fencing_token, exc, dead=dead)
+            progress.final = dead
         except StaleWriteError as refused:
             # A newer holder owns the key: this run's failure is only a late write.
             self._stale(run, refused)

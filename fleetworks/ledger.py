@@ -82,12 +82,13 @@ class Ledger:
         payload: Any,
         queue: str | None,
         queued_at: datetime | None = None,
+        deliveries: int = 1,
     ) -> claims.Claim:
         with transaction(self.database_url) as conn:
             return claims.claim(
                 conn, agent=run.agent, entity_key=entity, idempotency_key=run.key,
                 fencing_token=token, task_id=run.task_id, worker=run.worker,
-                payload=payload, queue=queue, queued_at=queued_at,
+                payload=payload, queue=queue, queued_at=queued_at, deliveries=deliveries,
             )  # fmt: skip
 
     def declare_dead(self, run: RunId, token: int, reason: str) -> None:
@@ -103,6 +104,28 @@ class Ledger:
         claims.finish(
             conn, idempotency_key=run.key, fencing_token=token, status=Status.SUCCEEDED,
             result=result,
+        )  # fmt: skip
+
+    @staticmethod
+    def settle_unclaimed(
+        conn: Connection,
+        run: RunId,
+        *,
+        entity: str,
+        token: int,
+        result: Any,
+        payload: Any,
+        queue: str | None,
+        queued_at: datetime | None,
+        started_at: datetime,
+    ) -> claims.Claim:
+        """``succeeded`` for a run that did not claim first, inside its effect
+        transaction, in one fenced statement (:func:`fleetworks.claims.settle`)."""
+        return claims.settle(
+            conn, agent=run.agent, entity_key=entity, idempotency_key=run.key,
+            fencing_token=token, task_id=run.task_id, worker=run.worker,
+            started_at=started_at, payload=payload, result=result, queue=queue,
+            queued_at=queued_at,
         )  # fmt: skip
 
     def fail(self, run: RunId, token: int, error: BaseException, *, dead: bool) -> None:

@@ -8,8 +8,10 @@ Served with the queue gauges on ``/metrics`` (:mod:`fleetworks.metrics`):
   ``skipped_dead``, ``stale_write``, ``duplicate_effect`` (guard events);
 - ``fleetworks_guard_events_total{agent,kind}``: every guard event, the
   ones above and ``lock_contended``, ``republished``, ``replayed``, ``deferred``;
-- ``fleetworks_runs_in_progress{agent,status}``: keys ``claimed`` (running)
-  or ``failed`` (waiting for a retry);
+- ``fleetworks_runs_in_progress{agent,status}``: keys ``claimed`` (running:
+  a ``claimed`` row, or a first delivery's in-flight record in Redis whose
+  key has no row yet, :mod:`fleetworks.inflight`) or ``failed`` (waiting
+  for a retry);
 - ``fleetworks_dead_letters{agent}``: keys that are ``dead`` now;
 - ``fleetworks_events_stored_total{topic}``, ``fleetworks_events_pending``
   (stored, not yet relayed) and ``fleetworks_waits{state}``;
@@ -48,6 +50,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -58,6 +61,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import ColumnElement, Connection, case, func, literal_column, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from fleetworks import inflight
 from fleetworks.db import transaction
 from fleetworks.guard import LEASE_LOST
 from fleetworks.models import EVENTS, GUARD_EVENTS, OUTCOMES, WAITS, EventKind, Status
@@ -85,8 +89,33 @@ TIMED = (Status.SUCCEEDED, Status.FAILED, Status.DEAD)
 
 
 class LedgerCollector(Collector):
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, client: redis.Redis | None = None) -> None:
         self.database_url = database_url
+        #: The lock store, for the in-flight records of first deliveries.
+        self.client = client
+
+    def _unclaimed_running(self, conn: Connection) -> dict[str, int]:
+        """First deliveries running now (an in-flight record, no row yet), by agent."""
+        if self.client is None:
+            return {}
+        try:
+            records = inflight.all_records(self.client)
+        except redis.RedisError as exc:
+            log.warning("metrics: lock store unavailable: %s", exc)
+            return {}
+        if not records:
+            return {}
+        keys = [r.key for r in records]
+        with_row = set(
+            conn.execute(
+                select(OUTCOMES.c.idempotency_key).where(OUTCOMES.c.idempotency_key.in_(keys))
+            ).scalars()
+        )
+        running: dict[str, int] = {}
+        for r in records:
+            if r.key not in with_row:
+                running[r.agent] = running.get(r.agent, 0) + 1
+        return running
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(
@@ -131,6 +160,7 @@ class LedgerCollector(Collector):
             runs = _histogram_rows(conn, run_s, RUN_BUCKETS, o.status.in_(TIMED))
             wait_s = seconds_between(conn, o.queued_at, o.started_at)
             waited = _histogram_rows(conn, wait_s, WAIT_BUCKETS, o.queued_at.is_not(None))
+            running = self._unclaimed_running(conn)
         outcomes = CounterMetricFamily(
             "fleetworks_outcomes", "Finished runs by agent and how they ended.",
             labels=["agent", "status"],
@@ -145,10 +175,14 @@ class LedgerCollector(Collector):
         for agent, status, n in statuses:
             if status in FINISHED:
                 outcomes.add_metric([agent, status], n)
+            elif status == Status.CLAIMED:
+                progress.add_metric([agent, status], n + running.pop(agent, 0))
             else:
                 progress.add_metric([agent, status], n)
             if status == Status.DEAD:
                 dead.add_metric([agent], n)
+        for agent, n in running.items():
+            progress.add_metric([agent, Status.CLAIMED], n)
         guard = CounterMetricFamily(
             "fleetworks_guard_events", "What the guard did, by agent and kind.",
             labels=["agent", "kind"],

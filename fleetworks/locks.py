@@ -7,11 +7,16 @@ defence is a number that grows with every acquisition and that writers check
 (Kleppmann's fencing token). Here acquisition is one Lua script that sets the
 lock (NX, PX) and, only if that succeeded, INCRs the entity's fence counter:
 one round trip, and a token is never handed out without the lock. The same
-script drops the delivered message's outbox record (:mod:`fleetworks.outbox`):
-from the lease on, the claim row and kombu's ``unacked`` entry cover it.
+script drops the delivered message's outbox record (:mod:`fleetworks.outbox`)
+and, for a guarded run, writes its in-flight record and counts the key's
+deliveries, or finds the key's done mark and takes nothing
+(:mod:`fleetworks.inflight`): from the lease on, that record and kombu's
+``unacked`` entry cover the message, and the results database needs no row
+until the run's outcome commits.
 
 Release and renewal compare the random token first, so a holder whose lock
-expired can never delete or extend its successor's lock.
+expired can never delete or extend its successor's lock, nor drop its
+successor's in-flight record.
 """
 
 from __future__ import annotations
@@ -31,14 +36,33 @@ from fleetworks import timing
 from fleetworks.timing import lock_ttl_s
 
 _ACQUIRE = """
-if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if ARGV[3] then
+if ARGV[4] and redis.call('exists', KEYS[9]) == 1 then
+  if ARGV[3] ~= '' then
     redis.call('hdel', KEYS[3], ARGV[3])
     redis.call('zrem', KEYS[4], ARGV[3])
   end
-  return redis.call('incr', KEYS[2])
+  return {-1, 0}
 end
-return 0
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if ARGV[3] ~= '' then
+    redis.call('hdel', KEYS[3], ARGV[3])
+    redis.call('zrem', KEYS[4], ARGV[3])
+  end
+  local tries = 0
+  if ARGV[4] then
+    if ARGV[7] == '1' then
+      tries = redis.call('hincrby', KEYS[8], ARGV[4], 1)
+    else
+      tries = tonumber(redis.call('hget', KEYS[8], ARGV[4]) or '0')
+      if tries == 0 then tries = redis.call('hincrby', KEYS[8], ARGV[4], 1) end
+    end
+    redis.call('hset', KEYS[5], ARGV[4], ARGV[5])
+    redis.call('hset', KEYS[6], ARGV[4], ARGV[1])
+    redis.call('zadd', KEYS[7], ARGV[6], ARGV[4])
+  end
+  return {redis.call('incr', KEYS[2]), tries}
+end
+return {0, 0}
 """
 
 _ACQUIRE_MANY = """
@@ -69,10 +93,22 @@ return freed
 """
 
 _RELEASE = """
+local freed = 0
 if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('del', KEYS[1])
+  freed = redis.call('del', KEYS[1])
 end
-return 0
+if ARGV[2] then
+  if redis.call('hget', KEYS[3], ARGV[2]) == ARGV[1] then
+    redis.call('hdel', KEYS[2], ARGV[2])
+    redis.call('hdel', KEYS[3], ARGV[2])
+    redis.call('zrem', KEYS[4], ARGV[2])
+    redis.call('hdel', KEYS[5], ARGV[2])
+  end
+  if tonumber(ARGV[3]) > 0 then
+    redis.call('set', KEYS[6], '1', 'PX', ARGV[3])
+  end
+end
+return freed
 """
 
 _RELEASE_OWNER = """
@@ -103,6 +139,17 @@ return 0
 log = logging.getLogger(__name__)
 
 
+#: The keys of in-flight records, in the order the scripts take them.
+_INFLIGHT_KEYS = (c.INFLIGHT_KEY, c.INFLIGHT_OWNER_KEY, c.INFLIGHT_AT_KEY, c.INFLIGHT_TRIES_KEY)
+
+
+class KeyDone:
+    """What :meth:`EntityLocks.acquire_run` returns when the key's done mark is
+    there: the key succeeded recently; nothing was leased."""
+
+    __slots__ = ()
+
+
 class LeaseLostError(RuntimeError):
     """The lease ran out or was taken over while its holder was still running."""
 
@@ -115,6 +162,11 @@ class Lease:
     token: str
     fencing_token: int
     ttl_ms: int
+    #: For a run's lease (:meth:`EntityLocks.acquire_run`): the key's
+    #: deliveries since its in-flight record was last dropped, this one
+    #: included. Above 1, an earlier delivery did not finish (it died,
+    #: stalled, was cut off, or failed), so this run claims the key first.
+    deliveries: int = 0
     #: Set by the heartbeat when a renewal finds the lock gone or too late.
     lost: threading.Event = field(default_factory=threading.Event, compare=False)
 
@@ -153,17 +205,52 @@ class EntityLocks:
         that supervised a dead holder can free exactly that holder's lease.
         With ``task_id``, a lease taken also drops that message's outbox record.
         """
+        got = self._lease(entity, ttl_s, owner, task_id, None)
+        return None if isinstance(got, KeyDone) else got
+
+    def acquire_run(
+        self,
+        entity: str,
+        ttl_s: float,
+        owner: str,
+        task_id: str,
+        *,
+        key: str,
+        record: str,
+        count: bool = True,
+    ) -> Lease | KeyDone | None:
+        """:meth:`acquire` for a guarded run of idempotency key ``key``: the
+        lease also writes ``record`` as the key's in-flight record and counts
+        the delivery (:attr:`Lease.deliveries`; with ``count`` False, as for
+        the same delivery leasing again after waiting out an unreachable
+        database, it is not counted again). :class:`KeyDone` (and no
+        lease) when the key's done mark is there."""
+        return self._lease(entity, ttl_s, owner, task_id, (key, record), count=count)
+
+    def _lease(
+        self,
+        entity: str,
+        ttl_s: float,
+        owner: str,
+        task_id: str,
+        run: tuple[str, str] | None,
+        *,
+        count: bool = True,
+    ) -> Lease | KeyDone | None:
         token = f"{owner}:{secrets.token_hex(16)}" if owner else secrets.token_hex(16)
         ttl_ms = max(1, int(ttl_s * 1000))
-        keys = [c.LOCK_KEY + entity, c.FENCE_KEY + entity]
-        args: list[str | int] = [token, ttl_ms]
-        if task_id:
-            keys += [c.OUTBOX_KEY, c.OUTBOX_AT_KEY]
-            args.append(task_id)
-        fence = int(self._acquire(keys=keys, args=args))
-        if fence == 0:
+        keys = [c.LOCK_KEY + entity, c.FENCE_KEY + entity, c.OUTBOX_KEY, c.OUTBOX_AT_KEY]
+        args: list[str | int | float] = [token, ttl_ms, task_id]
+        if run is not None:
+            keys += [*_INFLIGHT_KEYS, c.DONE_KEY + run[0]]
+            args += [run[0], run[1], time.time(), "1" if count else "0"]
+        fence, deliveries = self._acquire(keys=keys, args=args)
+        if int(fence) < 0:
+            return KeyDone()
+        if int(fence) == 0:
             return None
-        return Lease(entity=entity, token=token, fencing_token=fence, ttl_ms=ttl_ms)
+        return Lease(entity=entity, token=token, fencing_token=int(fence), ttl_ms=ttl_ms,
+                     deliveries=int(deliveries))  # fmt: skip
 
     def acquire_many(self, wanted: list[tuple[str, str, str]], ttl_s: float) -> list[Lease | None]:
         """Leases on many entities in one round trip: ``wanted`` is ``(entity,
@@ -195,9 +282,19 @@ class EntityLocks:
         keys = [c.LOCK_KEY + lease.entity for lease in leases]
         return int(self._release_many(keys=keys, args=[lease.token for lease in leases]))
 
-    def release(self, lease: Lease) -> bool:
-        """Delete the lock if ``lease`` still holds it; False if it had expired."""
-        return bool(self._release(keys=[c.LOCK_KEY + lease.entity], args=[lease.token]))
+    def release(self, lease: Lease, settled_key: str | None = None, done_mark_ms: int = 0) -> bool:
+        """Delete the lock if ``lease`` still holds it; False if it had expired.
+
+        With ``settled_key`` (the key's row is final), also drop that key's
+        in-flight record if this lease wrote it, and with ``done_mark_ms`` (it
+        succeeded) set the key's done mark for that long.
+        """
+        keys = [c.LOCK_KEY + lease.entity]
+        args: list[str | int] = [lease.token]
+        if settled_key is not None:
+            keys += [*_INFLIGHT_KEYS, c.DONE_KEY + settled_key]
+            args += [settled_key, done_mark_ms]
+        return bool(self._release(keys=keys, args=args))
 
     def release_owner(self, entity: str, owner: str) -> bool:
         """Delete the lock on ``entity`` if ``owner`` (a delivery) holds it."""
@@ -287,4 +384,4 @@ class Heartbeat:
                 self._leases[lease.token] = (lease, time.monotonic())
 
 
-__all__ = ["EntityLocks", "Heartbeat", "Lease", "LeaseLostError", "lock_ttl_s"]
+__all__ = ["EntityLocks", "Heartbeat", "KeyDone", "Lease", "LeaseLostError", "lock_ttl_s"]

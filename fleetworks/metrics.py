@@ -260,7 +260,8 @@ def serve(app: Celery, settings: Settings, address: str, port: int) -> Threading
     state = FleetState(app, settings, [settings.queue])
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(state))
-    registry.register(LedgerCollector(settings.database))
+    client = get_redis(settings.redis, **settings.redis_tls(settings.redis))
+    registry.register(LedgerCollector(settings.database, client))
     for factory in _EXTRA:
         registry.register(factory(settings))
     server = ThreadingHTTPServer((address, port), _handler(state, registry))

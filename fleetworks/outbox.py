@@ -18,8 +18,9 @@ in one round trip just before that pipeline's messages leave.
 **Forgetting.** The record goes when a run takes the entity's lease (in the
 same Lua script as the lease and the fencing token: no extra round trip), or
 when a run ends before any lease (the payload is refused, the key is already
-done, the policy gives up). From that moment the claim row, or kombu's
-``unacked`` entry, is what the reaper sees instead.
+done, the policy gives up). From that moment the run's in-flight record
+(:mod:`fleetworks.inflight`), its claim row, or kombu's ``unacked`` entry is
+what the reaper sees instead.
 
 **Recovering.** Each reaper tick looks at records older than
 :attr:`~fleetworks.timing.Timings.outbox_after_s` (one ``ZRANGEBYSCORE``; in

@@ -14,6 +14,12 @@ redelivery of the original message then finds the key done and is counted as
 a duplicate, never run twice. A ``failed`` claim whose retry is long overdue
 (its retry message died with a worker) is republished the same way.
 
+A key's first delivery claims nothing before its outcome commits: while it
+runs it exists as its in-flight record in Redis (:mod:`fleetworks.inflight`).
+:func:`reap_inflight` applies the same rule to those records: one older than
+a full lease, whose entity no lease holds and whose key has no row, is
+published again from the payload it holds; its next delivery claims first.
+
 :func:`restore_stranded` covers messages a lost worker held before any
 claim existed; :func:`recover_lost` those the broker lost between its pop and
 its unacked record (:mod:`fleetworks.outbox`). The reaper runs as the task ``fleet.reap``, every
@@ -31,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from pydantic import ValidationError
 
-from fleetworks import claims, holders, kombu_redis, message, outbox, stats
+from fleetworks import claims, holders, inflight, kombu_redis, message, outbox, stats
 from fleetworks import constants as c
 from fleetworks.ledger import REAP_BATCH, Ledger, RunId
 from fleetworks.locks import EntityLocks
@@ -58,6 +64,7 @@ def register(fleet: Fleet) -> None:
     def reap_task() -> dict[str, Any]:
         """Republish claims whose holder is gone; restore stranded messages."""
         keys = reap(fleet.app, fleet.ledger, fleet.locks, fleet.timings)
+        keys += reap_inflight(fleet.app, fleet.ledger, fleet.locks, fleet.timings)
         restored = restore_stranded(
             fleet.app, fleet.agents, fleet.ledger, fleet.locks, fleet.timings
         )
@@ -109,11 +116,59 @@ def _republish(app: Celery, row: Any, *, jump_backlog: bool = False) -> None:
     to its queue's control queue, so the takeover does not wait behind the
     backlog while the old holder may come back (every fleet worker of that
     queue consumes both)."""
-    options: dict[str, Any] = {"task_id": row.task_id} if row.task_id else {}
-    if row.queue:
-        options["queue"] = control_queue(row.queue) if jump_backlog else row.queue
-    with outbox.collecting(app, row.agent, hold=False):
-        app.send_task(row.agent, kwargs=message.pack(row.payload, row.idempotency_key), **options)
+    _publish(app, row.agent, row.idempotency_key, row.payload, task_id=row.task_id,
+             queue=row.queue, jump_backlog=jump_backlog)  # fmt: skip
+
+
+def _publish(
+    app: Celery,
+    agent: str,
+    key: str,
+    payload: Any,
+    *,
+    task_id: str | None,
+    queue: str | None,
+    jump_backlog: bool,
+) -> None:
+    options: dict[str, Any] = {"task_id": task_id} if task_id else {}
+    if queue:
+        options["queue"] = control_queue(queue) if jump_backlog else queue
+    with outbox.collecting(app, agent, hold=False):
+        app.send_task(agent, kwargs=message.pack(payload, key), **options)
+
+
+def reap_inflight(app: Celery, ledger: Ledger, locks: EntityLocks, timings: Timings) -> list[str]:
+    """Republish runs whose holder is gone from their in-flight records
+    (:mod:`fleetworks.inflight`): a record older than a full lease whose
+    entity no lease holds, and whose key has no row in the database. A key
+    found final drops its record (its holder committed, then died before
+    its release); a key with a ``claimed`` or ``failed`` row is left to
+    :func:`reap` and the retry, and looked at again a lease later. Returns
+    the idempotency keys republished."""
+    client = locks.client
+    now = time.time()
+    republished: list[str] = []
+    for record in inflight.older_than(client, now - timings.orphaned_after_s, REAP_BATCH):
+        if locks.holder(record.entity) is not None:
+            continue  # its run renews the lease: still running
+        status = ledger.status(record.key)
+        if status in TERMINAL:
+            inflight.forget(client, record)
+            continue
+        if status is not None:
+            inflight.touch(client, record, now)
+            continue
+        # Not again before republish_after_s: the new delivery rewrites the record.
+        if not inflight.touch(client, record, now + timings.republish_after_s
+                              - timings.orphaned_after_s):  # fmt: skip
+            continue  # a new delivery rewrote it meanwhile
+        _publish(app, record.agent, record.key, record.payload, task_id=record.task_id,
+                 queue=record.queue, jump_backlog=True)  # fmt: skip
+        run = RunId(record.agent, record.key, record.task_id, "reaper")
+        ledger.event(run, EventKind.REPUBLISHED, f"in flight since {record.at:.3f}; "
+                     f"holder {record.worker} gone")  # fmt: skip
+        republished.append(record.key)
+    return republished
 
 
 def replay(app: Celery, ledger: Ledger, outcome_id: int) -> Any:

@@ -81,6 +81,14 @@ STRANDED_MARGIN_S: Final = 4.0
 OUTBOX_AFTER_S: Final = 3.0
 
 
+#: Seconds a key that succeeded keeps its done mark in Redis at least
+#: (:mod:`fleetworks.inflight`): a delivery of it meanwhile is skipped before
+#: its behaviour with no database round trip. Every redelivery the fleet
+#: itself makes (contention retries, the reaper, restored and recovered
+#: messages, kombu's visibility timeout) comes within it.
+DONE_MARK_MIN_S: Final = 900.0
+
+
 def lock_ttl_s(time_limit_s: float) -> float:
     """The lease TTL of a task with ``time_limit_s``: its limit plus slack,
     capped at ``LEASE_TTL_MAX_S`` (a longer task keeps its lease by renewal)."""
@@ -105,6 +113,9 @@ class Timings:
     stranded_after_s: float
     #: A recorded message this old, in no queue, unacked entry or claim, was lost.
     outbox_after_s: float
+    #: How long a key that succeeded keeps its done mark: past the visibility
+    #: timeout, so even kombu's own late redelivery is skipped by it.
+    done_mark_s: float = DONE_MARK_MIN_S
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Timings:
@@ -124,6 +135,10 @@ class Timings:
             republish_after_s=REPUBLISH_AFTER_S,
             stranded_after_s=LEASE_TTL_MAX_S + REAP_INTERVAL_S + STRANDED_MARGIN_S,
             outbox_after_s=OUTBOX_AFTER_S,
+            done_mark_s=max(
+                DONE_MARK_MIN_S,
+                max_time_limit_s + RETRY_BACKOFF_MAX_S + 2 * VISIBILITY_SLACK_S,
+            ),
         )
 
     def problems(self) -> list[str]:

@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import delete
 
 from fleetworks.agent import Fleet
+from fleetworks.constants import DONE_KEY
 from fleetworks.db import transaction
 from fleetworks.models import OUTCOMES
 from fleetworks.proving.faults import DEFAULT_KINDS, HOST_KINDS
@@ -201,6 +202,7 @@ def test_the_chaos_count_sees_an_effect_committed_twice(fleet: Fleet, run_agent:
     assert (report.effects, report.effects_duplicated) == (2, 0)
     with transaction(url) as conn:
         conn.execute(delete(OUTCOMES).where(OUTCOMES.c.idempotency_key == f"probe:{run}-0"))
+    fleet.locks.client.delete(DONE_KEY + f"probe:{run}-0")  # and its done mark in Redis
     assert run_agent("probe.run", {"id": f"{run}-0", "unique": False}).status == "succeeded"
     report = chaos._report(url, run, tasks=2, faults=[], settled=chaos._settled(url, run),
                            restarts=0, wall_s=0)  # fmt: skip

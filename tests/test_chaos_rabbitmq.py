@@ -19,9 +19,11 @@ from typing import Any
 
 import psutil
 import pytest
+import redis
 from kombu import Connection
 
 from fleetworks import create_app, message
+from fleetworks.constants import DONE_KEY
 from fleetworks.proving import rabbitmq
 from fleetworks.settings import Settings, redact
 from tests.conftest import LOCKS_URL, require, start_worker, truncate, wait_for
@@ -71,6 +73,8 @@ def test_the_fleet_declares_its_queues_of_the_type_asked_and_counts_down_on_them
     run (the countdown, on quorum queues, through native delayed delivery,
     which carries it in the routing key: the claim still names the queue)."""
     truncate(sqlite_url)
+    # and the keys' done marks, which the other queue type's run left
+    redis.Redis.from_url(LOCKS_URL).delete(*(f"{DONE_KEY}probe:{k}" for k in ("now", "later")))
     vhost = rabbitmq.RunVhost.create(rabbitmq_url)
     queue = f"rq-{queue_type}"
     try:

@@ -114,7 +114,7 @@ def test_reclaim_after_success_is_a_duplicate_and_changes_nothing(database_url: 
     got = claim(database_url, 5, task_id="t-2", worker="w-2")
 
     # Then it is a duplicate and the row is exactly as it was
-    assert got == Claim(ClaimVerdict.DUPLICATE, status="succeeded")
+    assert got == Claim(ClaimVerdict.DUPLICATE, status="succeeded", stored_token=1)
     assert row(database_url) == before
 
 

@@ -85,11 +85,15 @@ def test_the_guard_reaches_its_row_by_the_idempotency_key(filled: Connection) ->
     assert_indexed(plan(filled, claims._FINISH, finish), unique)
     claim = {name: None for name in claims._CLAIM_COLUMNS} | {
         "agent": "probe.run", "entity_key": "probe:1", "idempotency_key": "probe:1",
-        "fencing_token": 99, "started_at": NOW, "payload": None,
+        "fencing_token": 99, "started_at": NOW, "payload": None, "attempts": 1,
     }  # fmt: skip
     # An upsert finds its conflict through the unique index (its arbiter).
     found = plan(filled, claims._claim_statement("postgresql"), claim)
     assert f"Conflict Arbiter Indexes: {unique}" in found, found
+    # So does a first delivery's outcome, written once with its effects.
+    outcome = claim | {"status": "succeeded", "finished_at": NOW, "result": None, "error": None}
+    settled = plan(filled, claims._settle_statement("postgresql"), outcome)
+    assert f"Conflict Arbiter Indexes: {unique}" in settled, settled
 
 
 def test_the_reaper_and_the_reports_use_their_indexes(filled: Connection) -> None:

@@ -12,12 +12,12 @@ import redis
 from sqlalchemy import func, select
 
 from fleetworks import constants as c
-from fleetworks import context, timing
+from fleetworks import context, inflight, timing
 from fleetworks.db import transaction
 from fleetworks.ledger import Ledger
 from fleetworks.locks import EntityLocks
 from fleetworks.models import GUARD_EVENTS, OUTCOMES, PROBE_EFFECTS, EventKind
-from fleetworks.reaper import reap, replay
+from fleetworks.reaper import reap_inflight, replay
 from fleetworks.timing import Timings
 from tests.conftest import Worker, start_worker, wait_for
 
@@ -51,6 +51,17 @@ def event_count(url: str, kind: EventKind, key: str) -> int:
         )
 
 
+def running(client: redis.Redis, key: str) -> Any:
+    """The in-flight record of ``key``'s run (a first delivery writes no row
+    until its outcome), or None."""
+    return next((r for r in inflight.all_records(client) if r.key == key), None)
+
+
+def fence(client: redis.Redis, key: str) -> int:
+    """The last fencing token handed out for entity ``key``."""
+    return int(client.get(c.FENCE_KEY + key) or 0)
+
+
 def holder_pid(row: Any) -> int:
     return int(row.worker.rsplit("/", 1)[1])
 
@@ -63,7 +74,8 @@ def test_paused_holder_is_fenced_off_after_takeover(
     # Given worker A running a probe that works 3 s before its effect
     payload = {"id": "paused", "work_ms": 3000}
     worker.enqueue("probe.run", payload)
-    first = wait_for(lambda: status_is(worker.database_url, "probe:paused", "claimed"))
+    first = wait_for(lambda: running(redis_client, "probe:paused"))
+    first_token = fence(redis_client, "probe:paused")
     pid = holder_pid(first)
     # When A's process is paused until its lease runs out
     os.kill(pid, signal.SIGSTOP)
@@ -90,7 +102,7 @@ def test_paused_holder_is_fenced_off_after_takeover(
         lambda: event_count(worker.database_url, EventKind.STALE_WRITE, "probe:paused") == 1,
         what="the stale write to be refused",
     )
-    assert done.fencing_token > first.fencing_token
+    assert done.fencing_token > first_token
     assert effects(worker.database_url, "paused") == [done.fencing_token]
     final = outcome(worker.database_url, "probe:paused")
     assert (final.status, final.fencing_token) == ("succeeded", done.fencing_token)
@@ -107,9 +119,10 @@ def test_killed_worker_is_recovered_by_the_reaper_within_seconds(
     a = start_worker(database_url, tmp_path, f"reap-a-{os.getpid()}", queue=queue)
     b: Worker | None = None
     try:
-        # Given a task claimed by worker A
+        # Given a task running on worker A (its first delivery: an in-flight record)
         a.enqueue("probe.run", {"id": "orphan", "work_ms": 4000})
-        first = wait_for(lambda: status_is(database_url, "probe:orphan", "claimed"))
+        wait_for(lambda: running(redis_client, "probe:orphan"))
+        first_token = fence(redis_client, "probe:orphan")
         # When the whole of worker A dies at once, and a rescuer B is ready
         os.killpg(a.child.pid, signal.SIGKILL)
         b = start_worker(database_url, tmp_path, f"reap-b-{os.getpid()}", queue=queue, control=True)
@@ -117,7 +130,8 @@ def test_killed_worker_is_recovered_by_the_reaper_within_seconds(
         # Then the reaper (run here as beat would) republishes it once the lease is gone
         locks = EntityLocks(redis_client)
         ledger, timings = Ledger(database_url), Timings.derive(60.0)
-        wait_for(lambda: reap(app, ledger, locks, timings), timeout_s=20, what="the reaper")
+        wait_for(lambda: reap_inflight(app, ledger, locks, timings), timeout_s=20,
+                 what="the reaper")  # fmt: skip
         republished_s = time.monotonic() - ready_at
         done = wait_for(
             lambda: status_is(database_url, "probe:orphan", "succeeded"),
@@ -128,7 +142,7 @@ def test_killed_worker_is_recovered_by_the_reaper_within_seconds(
         # before the kill), and then one run of 4 s (with 1.5 s of margin)
         assert republished_s < timing.LEASE_TTL_MAX_S, republished_s
         assert recovery_s < republished_s + 4 + 1.5, (republished_s, recovery_s)
-        assert done.attempts == 2 and done.fencing_token > first.fencing_token
+        assert done.attempts == 2 and done.fencing_token > first_token
         assert effects(database_url, "orphan") == [done.fencing_token]
         # And the broker's late redelivery of the original message is a duplicate.
         app.send_task(

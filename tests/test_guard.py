@@ -16,12 +16,14 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from fleetworks import context
+from fleetworks import constants as c
+from fleetworks import context, inflight
 from fleetworks.agent import Fleet
 from fleetworks.db import transaction
-from fleetworks.models import PROBE_EFFECTS
+from fleetworks.locks import Lease
+from fleetworks.models import PROBE_EFFECT_LOG, PROBE_EFFECTS
 from fleetworks.retry import backoff_bound
-from fleetworks.testing import RunResult
+from fleetworks.testing import RunResult, outcome_of
 from fleetworks.timing import RETRY_BACKOFF_BASE_S, RETRY_BACKOFF_MAX_S
 
 PROBE = "probe.run"
@@ -49,6 +51,50 @@ def test_the_same_key_again_is_a_counted_duplicate(fleet: Fleet, run_agent: Any)
     assert again.event_kinds == ["skipped_duplicate"]
     assert again.returned == {"status": "skipped_duplicate", "detail": "key already succeeded"}
     assert effects(fleet, "b") == [first.outcome["fencing_token"]]
+
+
+def test_a_first_delivery_writes_its_row_once_with_its_effects(
+    fleet: Fleet, run_agent: Any
+) -> None:
+    """No row while it runs (its in-flight record is in Redis); one fenced
+    upsert with the effects; the record dropped and the done mark set."""
+    seen: list[object] = []
+    from fleetworks.proving import probe
+
+    real = probe.SqlProbeSink.record
+
+    def record(self: Any, effect_key: str, token: int, *, unique: bool = True) -> None:
+        seen.append(outcome_of(fleet, "probe:first"))
+        seen.append([r.key for r in inflight.all_records(fleet.locks.client)])
+        real(self, effect_key, token, unique=unique)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(probe.SqlProbeSink, "record", record)
+        done = run_agent(PROBE, {"id": "first"})
+    assert seen == [None, ["probe:first"]]
+    assert done.status == "succeeded" and done.outcome is not None
+    assert done.outcome["attempts"] == 1 and done.outcome["payload"] == {"id": "first"}
+    assert inflight.all_records(fleet.locks.client) == []
+    assert fleet.locks.client.exists(c.DONE_KEY + "probe:first")
+
+
+def test_a_late_duplicate_runs_and_its_effects_roll_back(fleet: Fleet, run_agent: Any) -> None:
+    """Past its done mark, a duplicate runs its behaviour; the fenced upsert
+    finds the key done: its effects roll back, it is a counted duplicate, and
+    the row keeps the first run's outcome."""
+    first = run_agent(PROBE, {"id": "late", "unique": False})
+    assert fleet.locks.client.delete(c.DONE_KEY + "probe:late") == 1
+    again = run_agent(PROBE, {"id": "late", "unique": False})
+    assert again.event_kinds == ["skipped_duplicate"]
+    assert again.returned["status"] == "skipped_duplicate"
+    assert "effects rolled back" in again.returned["detail"]
+    assert again.outcome == first.outcome
+    with transaction(fleet.settings.database) as conn:
+        logged = conn.execute(
+            select(PROBE_EFFECT_LOG.c.fencing_token).where(PROBE_EFFECT_LOG.c.effect_key == "late")
+        ).all()
+    assert [r.fencing_token for r in logged] == [first.outcome["fencing_token"]]
+    assert inflight.all_records(fleet.locks.client) == []
 
 
 @pytest.mark.parametrize(
@@ -155,17 +201,17 @@ def test_two_keys_writing_one_unique_effect_give_duplicate_effect_and_dead(
 
 
 def test_a_key_claimed_too_often_is_declared_dead(fleet: Fleet, run_agent: Any) -> None:
-    """Deliveries that never finish (a message that kills its worker) stop at max_deliveries."""
-    from fleetworks.ledger import RunId
-
-    run = RunId(PROBE, "probe:poison", "t-poison", "test")
+    """Deliveries that never finish (a message that kills its worker) stop at
+    max_deliveries: each one leased the key and died before any outcome, so
+    only its in-flight record counts it; the next delivery claims first."""
+    record = inflight.encode(agent=PROBE, entity="probe:poison", task_id="t-poison",
+                             worker="test", queue=None, payload={"id": "poison"})  # fmt: skip
     for _ in range(context.DEFAULT_MAX_DELIVERIES):
-        lease = fleet.locks.acquire("probe:poison", 6.0)
-        assert lease is not None
-        fleet.ledger.claim(
-            run, entity="probe:poison", token=lease.fencing_token, payload={}, queue=None
-        )
-        fleet.locks.release(lease)
+        lease = fleet.locks.acquire_run("probe:poison", 6.0, "", "t-poison", key="probe:poison",
+                                        record=record)  # fmt: skip
+        assert isinstance(lease, Lease)
+        fleet.locks.release(lease)  # the lock only: the run died with no outcome
+    assert [r.key for r in inflight.all_records(fleet.locks.client)] == ["probe:poison"]
     done = run_agent(PROBE, {"id": "poison"})
     assert done.status == "dead" and done.event_kinds == ["skipped_dead"]
     assert "max_deliveries" in done.outcome["error"]
@@ -200,7 +246,10 @@ def test_a_lost_lease_refuses_the_write_and_records_stale_write(
     monkeypatch.setattr(probe.SqlProbeSink, "record", record_then_lose)
     done = run_agent(PROBE, {"id": "stale"})
     assert done.event_kinds == ["stale_write"] and done.retry is None
-    assert done.status == "claimed", "the key stays with whoever holds it now"
+    assert done.status is None, "no outcome: the key stays with whoever holds it now"
+    # Its in-flight record stays: the key's next delivery claims first, and
+    # the reaper publishes it again if no one holds it.
+    assert [r.key for r in inflight.all_records(fleet.locks.client)] == ["probe:stale"]
     assert effects(fleet, "stale") == []
 
 

@@ -8,13 +8,16 @@ import threading
 import time
 from typing import Any
 
+import redis
 from sqlalchemy import func, select
 
 from agents.mentions import MentionFeed
+from fleetworks import inflight
+from fleetworks.constants import FENCE_KEY
 from fleetworks.db import transaction
 from fleetworks.models import EventKind, GuardEvent, Outcome, ProbeEffect
 from tasks.schema import MENTIONS, RESPONSES
-from tests.conftest import Worker, broker_idle, wait_for
+from tests.conftest import LOCKS_URL, Worker, broker_idle, wait_for
 
 _o = Outcome.__table__.c
 _e = GuardEvent.__table__.c
@@ -108,29 +111,31 @@ def test_wrong_task_shape_is_rejected(worker: Worker) -> None:
 
 def test_killed_pool_child_is_redelivered_and_effect_happens_once(worker: Worker) -> None:
     """SIGKILL of the pool child running a task: the task runs again, one effect."""
-    # Given a probe task that takes 2 s before its effect, claimed by a pool child
+    # Given a probe task that takes 2 s before its effect, leased by a pool
+    # child (its in-flight record names the child; no outcome row yet)
     worker.enqueue("probe.run", {"id": "kill-me", "work_ms": 2000})
+    locks = redis.Redis.from_url(LOCKS_URL)
     claimed = wait_for(
-        lambda: (
-            (r := outcome(worker.database_url, "probe:kill-me")) and r.status == "claimed" and r
-        ),
-        what="the claim",
+        lambda: next((r for r in inflight.all_records(locks) if r.key == "probe:kill-me"), None),
+        what="the lease",
     )
+    first_token = int(locks.get(FENCE_KEY + "probe:kill-me") or 0)
+    assert outcome(worker.database_url, "probe:kill-me") is None
     pid = int(claimed.worker.rsplit("/", 1)[1])
     assert pid in worker.pool_pids()
     # When that child is killed mid-task
     os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
-    # Then the worker frees the dead child's lease at once: the redelivery claims
-    # the key again within 1.5 s (a lease left to expire would take 6 s), without
-    # ever finding the entity locked,
+    # Then the worker frees the dead child's lease at once: the redelivery finds
+    # the record, claims the key (its second delivery) within 1.5 s (a lease
+    # left to expire would take 6 s), without ever finding the entity locked,
     reclaimed = wait_for(
         lambda: (r := outcome(worker.database_url, "probe:kill-me")) and r.attempts == 2 and r,
         timeout_s=10,
         what="the redelivery to claim the key again",
     )
     assert time.monotonic() - killed_at < 1.5
-    assert reclaimed.fencing_token > claimed.fencing_token
+    assert reclaimed.fencing_token > first_token
     # and runs with the higher fencing token; the effect exists exactly once.
     done = wait_for(
         lambda: (
@@ -140,7 +145,7 @@ def test_killed_pool_child_is_redelivered_and_effect_happens_once(worker: Worker
         what="the redelivered run to succeed",
     )
     assert done.attempts == 2
-    assert done.fencing_token > claimed.fencing_token
+    assert done.fencing_token > first_token
     with transaction(worker.database_url) as conn:
         effects = conn.execute(
             select(ProbeEffect.__table__.c.fencing_token).where(

@@ -8,8 +8,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleetworks import events
+from fleetworks import events, inflight
 from fleetworks.agent import Fleet
+from fleetworks.locks import Lease
 from fleetworks.metrics import serve
 
 
@@ -26,6 +27,23 @@ def scrape(fleet: Fleet) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+def test_a_first_delivery_running_counts_as_in_progress(fleet: Fleet, run_agent: Any) -> None:
+    """A first delivery has no row until its outcome: its in-flight record
+    counts it among the runs in progress, beside the ``claimed`` rows."""
+    record = inflight.encode(agent="probe.run", entity="probe:r", task_id="t-r", worker="w",
+                             queue=None, payload={"id": "r"})  # fmt: skip
+    lease = fleet.locks.acquire_run("probe:r", 6.0, "", "t-r", key="probe:r", record=record)
+    assert isinstance(lease, Lease)
+    run_agent("probe.run", {"id": "f", "fail_attempts": 1})  # a failed row, its record kept
+    key = ("fleetworks_runs_in_progress", (("agent", "probe.run"), ("status", "claimed")))
+    got = scrape(fleet)
+    assert got[key] == 1
+    assert got[("fleetworks_runs_in_progress", (("agent", "probe.run"), ("status", "failed")))] == 1
+    fleet.locks.release(lease)
+    assert run_agent("probe.run", {"id": "r"}).status == "succeeded"
+    assert scrape(fleet).get(key, 0) == 0
 
 
 def test_outcomes_guard_events_dead_letters_and_events_are_counted(

@@ -51,7 +51,7 @@ from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
-from fleetworks import progress
+from fleetworks import inflight, progress
 from fleetworks.db import transaction
 from fleetworks.embedded import EmbeddedRedis
 from fleetworks.enqueue import enqueue_many
@@ -220,8 +220,23 @@ def _keys_where(run: str) -> Any:
     return OUTCOMES.c.idempotency_key.like(f"probe:{run}-%")
 
 
-def _in_flight(url: str, run: str) -> list[tuple[str, int]]:
-    """(key, pid) of every claim of this run running now, most work first."""
+def _in_flight(url: str, run: str, locks_url: str | None) -> list[tuple[str, int, int]]:
+    """(key, pid, work ms) of every run of this chaos run in flight now, most
+    work first: a first delivery shows as its in-flight record in Redis, a
+    later one as its ``claimed`` row."""
+    prefix = f"probe:{run}-"
+    found: dict[str, tuple[str, int, int]] = {}
+    if locks_url is not None:
+        client = redis_client.Redis.from_url(locks_url)
+        try:
+            for rec in inflight.all_records(client):
+                if rec.key.startswith(prefix) and "/" in rec.worker:
+                    work = int((rec.payload or {}).get("work_ms", 0))
+                    found[rec.key] = (rec.key, int(rec.worker.rsplit("/", 1)[1]), work)
+        except redis_client.RedisError:
+            pass  # Redis is down: the rows may still say
+        finally:
+            client.close()
     try:
         with transaction(url) as conn:
             rows = conn.execute(
@@ -230,9 +245,12 @@ def _in_flight(url: str, run: str) -> list[tuple[str, int]]:
                 )
             ).all()
     except DBAPIError:
-        return []  # the database is paused: nothing to learn right now
-    rows = sorted(rows, key=lambda r: -int((r.payload or {}).get("work_ms", 0)))
-    return [(r.idempotency_key, int(r.worker.rsplit("/", 1)[1])) for r in rows if r.worker]
+        rows = []  # the database is paused: the records may still say
+    for r in rows:
+        if r.worker:
+            work = int((r.payload or {}).get("work_ms", 0))
+            found[r.idempotency_key] = (r.idempotency_key, int(r.worker.rsplit("/", 1)[1]), work)
+    return sorted(found.values(), key=lambda x: -x[2])
 
 
 def _settled(url: str, run: str) -> dict[str, Any]:
@@ -250,29 +268,24 @@ def _settled(url: str, run: str) -> dict[str, Any]:
 
 
 def _wait_for_work(
-    url: str, run: str, stop: StopFlag, timeout_s: float = 15, long_ms: int = 0
+    url: str,
+    run: str,
+    stop: StopFlag,
+    *,
+    locks_url: str | None,
+    timeout_s: float = 15,
+    long_ms: int = 0,
 ) -> list[tuple[str, int]]:
-    """What is in flight once anything is (with ``long_ms``, once a task of
-    that much work is, if one comes within ``timeout_s``)."""
+    """(key, pid) of what is in flight once anything is (with ``long_ms``,
+    once a task of that much work is, if one comes within ``timeout_s``)."""
     deadline = time.monotonic() + timeout_s
-    busy: list[tuple[str, int]] = []
+    busy: list[tuple[str, int, int]] = []
     while time.monotonic() < deadline:
-        busy = _in_flight(url, run) or busy
-        if busy and (not long_ms or _work_of(url, busy[0][0]) >= long_ms):
-            return busy
+        busy = _in_flight(url, run, locks_url) or busy
+        if busy and (not long_ms or busy[0][2] >= long_ms):
+            break
         stop.sleep(0.05)
-    return busy
-
-
-def _work_of(url: str, key: str) -> int:
-    try:
-        with transaction(url) as conn:
-            payload = conn.execute(
-                select(OUTCOMES.c.payload).where(OUTCOMES.c.idempotency_key == key)
-            ).scalar()
-    except DBAPIError:
-        return 0
-    return int((payload or {}).get("work_ms", 0))
+    return [(key, pid) for key, pid, _ in busy]
 
 
 def plan(
@@ -404,7 +417,7 @@ def _waves(
         published += len(wave)
         if kind is not None:
             long_ms = LONG_WORK_MS if kind == "partition" else 0
-            busy = _wait_for_work(url, run, stop, long_ms=long_ms)
+            busy = _wait_for_work(url, run, stop, locks_url=injector.locks_url, long_ms=long_ms)
             fault = f.Fault(kind, f.now(), "", in_flight=[k for k, _ in busy])
             fault.detail = injector.inject(kind, [pid for _, pid in busy], fault)
             echo(f"chaos {run}: {kind}: {fault.detail}")
