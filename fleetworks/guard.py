@@ -37,6 +37,7 @@ starts again (the policy bounds the wait, then re-queues). Every decision is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -179,9 +180,10 @@ class Guard:
     def run(self, spec: AgentSpec, behaviour: Behaviour, delivery: Delivery) -> Any:
         """Run once; while a service is unreachable, wait in place and run again."""
         started, tries = time.monotonic(), 0
+        held: dict[str, str] = {}
         while True:
             try:
-                return self._once(spec, behaviour, delivery, again=tries > 0)
+                return self._once(spec, behaviour, delivery, again=tries > 0, held=held)
             except _Ended as ended:
                 return ended.result
             except UNREACHABLE as exc:
@@ -191,15 +193,32 @@ class Guard:
                 )  # fmt: skip
                 decision = self.policy.decide(spec, facts)
                 if isinstance(decision, Retry):
+                    self._waiting(held, decision.countdown)
                     raise RetryRequested(decision.countdown, decision.reason) from exc
                 assert isinstance(decision, Wait)
                 log.warning("%s %s: service unreachable (%s); trying again in %.1fs",
                             spec.name, delivery.task_id, exc, decision.seconds)  # fmt: skip
+                self._waiting(held, decision.seconds)
                 time.sleep(decision.seconds)
                 tries += 1
 
+    def _waiting(self, held: dict[str, str], seconds: float) -> None:
+        """Date the in-flight record of a run that waits ``seconds`` before its
+        next try, so the reaper does not take it for a dead holder's."""
+        if not held:
+            return
+        # (if Redis is what is unreachable, the reaper cannot run either)
+        with contextlib.suppress(redis.RedisError):
+            inflight.touch(self.locks().client, held["key"], held["owner"], time.time() + seconds)
+
     def _once(
-        self, spec: AgentSpec, behaviour: Behaviour, delivery: Delivery, *, again: bool = False
+        self,
+        spec: AgentSpec,
+        behaviour: Behaviour,
+        delivery: Delivery,
+        *,
+        again: bool = False,
+        held: dict[str, str] | None = None,
     ) -> Any:
         parsed = self.parse(spec, delivery)
         run = RunId(spec.name, parsed.identity.key, delivery.task_id, delivery.worker)
@@ -209,6 +228,8 @@ class Guard:
         with _stage("lease", run, entity) as span:
             lease = self.lease(spec, delivery, parsed, run, again=again)
             span.set_attribute("fleetworks.fencing_token", lease.fencing_token)
+        if held is not None:
+            held.update(key=run.key, owner=lease.token)
         first = lease.deliveries == 1 and delivery.retries == 0
         progress = _Progress(delivery, parsed, started_at, first=first)
         try:

@@ -139,10 +139,11 @@ def forget(client: redis.Redis, record: Record) -> bool:
     return bool(client.eval(_FORGET, len(keys), *keys, record.key, record.owner))
 
 
-def touch(client: redis.Redis, record: Record, at: float) -> bool:
-    """Date ``record`` ``at`` (the reaper republished it), if no later run rewrote it."""
+def touch(client: redis.Redis, key: str, owner: str, at: float) -> bool:
+    """Date ``key``'s record ``at`` (the reaper republished it; its run waits
+    in place until then), if the run with lease token ``owner`` wrote it."""
     keys = [c.INFLIGHT_AT_KEY, c.INFLIGHT_OWNER_KEY]
-    return bool(client.eval(_TOUCH, len(keys), *keys, record.key, record.owner, at))
+    return bool(client.eval(_TOUCH, len(keys), *keys, key, owner, at))
 
 
 __all__ = ["Record", "all_records", "count", "encode", "forget", "older_than", "touch"]

@@ -156,10 +156,10 @@ def reap_inflight(app: Celery, ledger: Ledger, locks: EntityLocks, timings: Timi
             inflight.forget(client, record)
             continue
         if status is not None:
-            inflight.touch(client, record, now)
+            inflight.touch(client, record.key, record.owner, now)
             continue
         # Not again before republish_after_s: the new delivery rewrites the record.
-        if not inflight.touch(client, record, now + timings.republish_after_s
+        if not inflight.touch(client, record.key, record.owner, now + timings.republish_after_s
                               - timings.orphaned_after_s):  # fmt: skip
             continue  # a new delivery rewrote it meanwhile
         _publish(app, record.agent, record.key, record.payload, task_id=record.task_id,

@@ -9,6 +9,7 @@ test_guard_integration and test_faults.
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 from typing import Any
 
@@ -401,6 +402,47 @@ def test_while_redis_is_away_the_run_waits_in_place_and_succeeds_once(
         assert effects(fleet, "away") == [done.outcome["fencing_token"]]
     finally:
         server.stop()
+
+
+def test_a_run_waiting_out_the_database_is_one_delivery_and_not_reaped(
+    fleet: Fleet, run_agent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database refuses a first delivery's outcome twice: the run waits in
+    place and leases again, counted as the same delivery (still a first one,
+    one attempt), and while it waits the reaper leaves its record alone."""
+    import time
+
+    from sqlalchemy.exc import OperationalError
+
+    from fleetworks import guard, ledger
+    from fleetworks.reaper import reap_inflight
+
+    real = ledger.Ledger.settle_unclaimed
+    refused: list[int] = []
+
+    def down_twice(*args: Any, **kwargs: Any) -> Any:
+        if len(refused) < 2:
+            refused.append(1)
+            raise OperationalError("INSERT", {}, Exception("database is paused"))
+        return real(*args, **kwargs)
+
+    reaped: list[list[str]] = []
+    pause = time.sleep
+
+    def sleep(seconds: float) -> None:
+        # As the reaper would see it a full lease after the last lease, just
+        # before the next try is due: a wait longer than a lease.
+        later = dataclasses.replace(fleet.timings, orphaned_after_s=0.05 - seconds)
+        reaped.append(reap_inflight(fleet.app, fleet.ledger, fleet.locks, later))
+        pause(0.01)
+
+    monkeypatch.setattr(ledger.Ledger, "settle_unclaimed", staticmethod(down_twice))
+    monkeypatch.setattr(guard.time, "sleep", sleep)
+    done = run_agent(PROBE, {"id": "waits"})
+    assert len(refused) == 2 and reaped == [[], []], (done, reaped)
+    assert done.status == "succeeded" and done.outcome["attempts"] == 1
+    assert effects(fleet, "waits") == [done.outcome["fencing_token"]]
+    assert inflight.all_records(fleet.locks.client) == []
 
 
 def hold_unacked(

@@ -38,7 +38,8 @@ def _died_holding(locks: EntityLocks, key: str, queue: str, payload: dict[str, o
     assert isinstance(lease, Lease) and lease.deliveries == 1
     locks.release(lease)
     (found,) = [r for r in inflight.all_records(locks.client) if r.key == key]
-    assert inflight.touch(locks.client, found, time.time() - TIMINGS.orphaned_after_s - 1)
+    long_ago = time.time() - TIMINGS.orphaned_after_s - 1
+    assert inflight.touch(locks.client, key, found.owner, long_ago)
     return task_id
 
 
