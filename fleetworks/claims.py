@@ -179,7 +179,7 @@ def _claim_upsert(dialect: str, stmt: Any = None) -> Any:
 
 
 @lru_cache(maxsize=4)
-def _settle_statement(dialect: str) -> Any:
+def settle_statement(dialect: str) -> Any:
     """The one-statement outcome of a run that claimed nothing beforehand:
     insert the key's final row, or move a ``claimed``/``failed`` row held with
     a lower fencing token to it; a row already final, or held with a token as
@@ -312,7 +312,7 @@ def settle(
         "status": status, "started_at": started_at, "finished_at": now(), "payload": payload,
         "result": result, "error": _clip(error),
     }  # fmt: skip
-    return _upsert(conn, _settle_statement(conn.dialect.name), params)
+    return _upsert(conn, settle_statement(conn.dialect.name), params)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -206,6 +207,24 @@ def test_bench_throughput_reports_ratio_against_plain_celery(tmp_path: Path) -> 
     assert costs["redis_commands_per_task"] == pytest.approx(19, abs=0.1)
     # A first delivery: BEGIN + the outcome upsert, with the effects.
     assert costs["sql_statements_per_task"] == pytest.approx(2, abs=0.1)
+    # The floor is the guard's own round trips and write with nothing around
+    # them: less than the guard, and it leaves no row behind.
+    floor = costs["floor"]
+    assert floor["redis_round_trip_ms"] > 0 and floor["database_write_ms"] > 0
+    assert floor["guard_floor_ms"] < costs["guard_ms_per_task_in_process"], costs
+    with sqlite3.connect(tmp_path / ".fleet" / "fleet.db") as db:
+        left = db.execute("SELECT count(*) FROM outcomes WHERE agent = 'bench.floor'").fetchone()
+    assert left == (0,)
+    # CPU per task of each side: the worker's process tree and the local Redis.
+    cpu = result["cpu_ms_per_task"]
+    for side in ("plain", "guarded"):
+        assert cpu[side]["worker"] > 0 and cpu[side]["redis"] > 0, cpu
+        assert cpu[side]["total"] == pytest.approx(
+            cpu[side]["worker"] + cpu[side]["redis"], abs=0.002
+        )
+    assert cpu["ratio_plain_to_guarded"] == pytest.approx(
+        cpu["plain"]["total"] / cpu["guarded"]["total"], rel=0.01
+    )
 
 
 def test_bench_fanout_measures_enqueue_many_against_send_task(tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ def test_the_guard_reaches_its_row_by_the_idempotency_key(filled: Connection) ->
     assert f"Conflict Arbiter Indexes: {unique}" in found, found
     # So does a first delivery's outcome, written once with its effects.
     outcome = claim | {"status": "succeeded", "finished_at": NOW, "result": None, "error": None}
-    settled = plan(filled, claims._settle_statement("postgresql"), outcome)
+    settled = plan(filled, claims.settle_statement("postgresql"), outcome)
     assert f"Conflict Arbiter Indexes: {unique}" in settled, settled
 
 

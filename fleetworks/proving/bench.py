@@ -16,6 +16,13 @@ Batch side (``bench batch``): ``probe.batch``, the same probe as a batch
 agent (:mod:`fleetworks.batch`): every key leased, claimed and settled as
 above, many keys per run.
 
+Beside the rates, each side's CPU time per task is counted: the worker's
+process tree (its main process and its pool) and, where the broker runs on
+this machine, the Redis server, read from the kernel's counters before and
+after the side. The machine is shared, so a rate moves with its neighbours;
+the CPU a task costs moves much less, and on a machine the bench saturates it
+is what the rate ratio comes down to.
+
 Where the time goes is measured apart, in-process: the guard is run on its
 own over fresh keys while Redis ``INFO commandstats`` and an SQLAlchemy
 statement counter record what each guarded task costs.
@@ -23,16 +30,20 @@ statement counter record what each guarded task costs.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
 import statistics
 import time
 import uuid
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import redis
 from celery import Celery
-from sqlalchemy import event
+from sqlalchemy import delete, event
 
 from fleetworks import progress
 from fleetworks.constants import PUBLISH_BATCH
@@ -50,7 +61,50 @@ def _drained(client: redis.Redis, queue: str) -> bool:
     return client.llen(queue) == 0 and client.hlen("unacked") == 0
 
 
-def _side(app: Any, client: redis.Redis, worker: str, task: str, *, n: int, tag: str) -> float:
+class _Cpu:
+    """CPU seconds used so far by a worker's process tree and a local Redis."""
+
+    def __init__(self, worker_pid: int, client: redis.Redis) -> None:
+        self.worker = psutil.Process(worker_pid)
+        self.redis: psutil.Process | None = None
+        try:
+            pid = int(client.info("server")["process_id"])
+            host = client.connection_pool.connection_kwargs.get("host", "")
+            if host in ("127.0.0.1", "localhost", "::1") and psutil.pid_exists(pid):
+                self.redis = psutil.Process(pid)
+        except (redis.RedisError, KeyError, ValueError, psutil.Error):
+            self.redis = None
+
+    @staticmethod
+    def _used(proc: psutil.Process) -> float:
+        times = proc.cpu_times()
+        return float(times.user + times.system)
+
+    def sample(self) -> tuple[float, float | None]:
+        tree = [self.worker, *self.worker.children(recursive=True)]
+        used = 0.0
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):
+                used += self._used(proc)
+        if self.redis is None:
+            return used, None
+        try:
+            return used, self._used(self.redis)
+        except psutil.Error:
+            return used, None
+
+
+@dataclass(frozen=True, slots=True)
+class _Round:
+    tps: float
+    #: CPU milliseconds per task: the worker's tree, and Redis (None if not local).
+    worker_cpu_ms: float
+    redis_cpu_ms: float | None
+
+
+def _side(
+    app: Any, client: redis.Redis, worker: str, task: str, *, n: int, tag: str, cpu: _Cpu
+) -> _Round:
     """Tasks per second for ``n`` tasks of ``task`` already on their queue."""
     from fleetworks.app import fleet_of
 
@@ -58,6 +112,7 @@ def _side(app: Any, client: redis.Redis, worker: str, task: str, *, n: int, tag:
     queue = fleet_of(app).queue_for(task, f"bench.{task}") or f"bench.{task}"
     payloads = [{"id": f"{tag}-{i}", "effect": False} for i in range(n)]
     enqueue_many(app, task, payloads, queue=queue)
+    cpu_before = cpu.sample()
     started = time.perf_counter()
     app.control.add_consumer(queue, destination=[worker], reply=True, timeout=5)
     while not _drained(client, queue):
@@ -65,9 +120,13 @@ def _side(app: Any, client: redis.Redis, worker: str, task: str, *, n: int, tag:
             progress.update(f"bench: {task}", n - int(client.llen(queue)), n)
         time.sleep(0.002)
     elapsed = time.perf_counter() - started
+    cpu_after = cpu.sample()
     progress.update(f"bench: {task}", n, n)
     app.control.cancel_consumer(queue, destination=[worker], reply=True, timeout=5)
-    return n / elapsed
+    redis_ms = None
+    if cpu_before[1] is not None and cpu_after[1] is not None:
+        redis_ms = (cpu_after[1] - cpu_before[1]) / n * 1000
+    return _Round(n / elapsed, (cpu_after[0] - cpu_before[0]) / n * 1000, redis_ms)
 
 
 def _commandstats(client: redis.Redis) -> int:
@@ -118,9 +177,99 @@ def profile_guard(app: Celery, settings: Settings, n: int = 200) -> dict[str, fl
     }
 
 
+#: The agent name the floor's rows are written under (and deleted after).
+_FLOOR_AGENT = "bench.floor"
+
+
+def _redis_round_trip_ms(client: redis.Redis, n: int) -> float:
+    """Median milliseconds of one ``PING`` answered."""
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        client.ping()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def _write_floor_ms(url: str, n: int) -> float:
+    """Median milliseconds of a guarded task's one write, with nothing around it:
+    ``BEGIN`` (``IMMEDIATE`` on SQLite), the outcome upsert the guard sends
+    (the same statement, compiled once, its values converted as the column
+    types convert them) and ``COMMIT``, on the driver's connection, without
+    SQLAlchemy's execution path or any Python of the guard's."""
+    from fleetworks.claims import now, settle_statement
+    from fleetworks.models import Outcome
+
+    engine = get_engine(url)
+    compiled = settle_statement(engine.dialect.name).compile(dialect=engine.dialect)
+    constants = {
+        name: str(bind.effective_value) if isinstance(bind.effective_value, str)
+        else bind.effective_value
+        for name, bind in compiled.binds.items()
+        if not bind.required
+    }  # fmt: skip
+    columns = Outcome.__table__.c
+    convert: dict[str, Any] = {}
+    for name in ("payload", "result", "started_at", "finished_at", "queued_at"):
+        processor = columns[name].type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
+        convert[name] = processor or (json.dumps if name in ("payload", "result") else None)
+    sqlite = engine.dialect.name == "sqlite"
+    tag = uuid.uuid4().hex[:8]
+    times = []
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        for i in range(n):
+            stamp = now()
+            values = constants | {
+                "agent": _FLOOR_AGENT, "entity_key": f"floor-{tag}-{i}",
+                "idempotency_key": f"floor-{tag}-{i}", "fencing_token": 1,
+                "task_id": f"floor-{tag}-{i}", "worker": "bench-floor", "queue": "bench",
+                "queued_at": stamp, "status": "succeeded", "started_at": stamp,
+                "finished_at": stamp, "payload": {"id": f"floor-{tag}-{i}", "effect": False},
+                "result": None, "error": None,
+            }  # fmt: skip
+            started = time.perf_counter()
+            for name, f in convert.items():
+                if f is not None and values[name] is not None:
+                    values[name] = f(values[name])
+            params = (
+                tuple(values[name] for name in compiled.positiontup)
+                if compiled.positiontup is not None
+                else values
+            )
+            if sqlite:
+                cursor.execute("BEGIN IMMEDIATE")
+            cursor.execute(str(compiled), params)
+            cursor.fetchall()
+            if sqlite:
+                cursor.execute("COMMIT")
+            else:
+                raw.commit()
+            times.append(time.perf_counter() - started)
+        cursor.close()
+    finally:
+        raw.close()
+    with get_engine(url).begin() as conn:
+        conn.execute(delete(Outcome).where(Outcome.agent == _FLOOR_AGENT))
+    return statistics.median(times) * 1000
+
+
+def floor(settings: Settings, n: int = 300) -> dict[str, float]:
+    """What a guarded task cannot cost less than here: its two Redis round
+    trips (a ``PING`` each) and its one write transaction at the driver."""
+    rtt = _redis_round_trip_ms(redis.Redis.from_url(settings.redis), n)
+    write = _write_floor_ms(settings.database, n)
+    return {
+        "redis_round_trip_ms": round(rtt, 3),
+        "database_write_ms": round(write, 3),
+        "guard_floor_ms": round(2 * rtt + write, 3),
+    }
+
+
 def _race(
     app: Celery, settings: Settings, *, sides: tuple[str, str], tasks: int, rounds: int
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[_Round], list[_Round]]:
     """Tasks per second of each of two tasks, per round, on one worker."""
     client = redis.Redis.from_url(settings.broker)
     name = f"bench-{uuid.uuid4().hex[:6]}"
@@ -135,26 +284,54 @@ def _race(
         fleet_env(settings, FLEET_TASK_MODULES=probe.task_modules(settings)),
         settings.home / "logs" / "bench.log",
     ).start()
-    first: list[float] = []
-    second: list[float] = []
+    first: list[_Round] = []
+    second: list[_Round] = []
     try:
         host = socket.gethostname()
         wait_workers(app, [f"{name}@{host}"], timeout_s=60)
         worker = f"{name}@{host}"
+        cpu = _Cpu(child.pid, client)
         # Warm both paths (imports, connections, script loading) before timing.
         for task in sides:
-            _side(app, client, worker, task, n=50, tag=f"{name}-warm")
+            _side(app, client, worker, task, n=50, tag=f"{name}-warm", cpu=cpu)
         for r in range(rounds):
             order = [(sides[0], first), (sides[1], second)]
             for task, results in order if r % 2 == 0 else reversed(order):
-                results.append(_side(app, client, worker, task, n=tasks, tag=f"{name}-{r}"))
+                results.append(
+                    _side(app, client, worker, task, n=tasks, tag=f"{name}-{r}", cpu=cpu)
+                )
     finally:
         child.stop(30)
     return first, second
 
 
+def _cpu_report(sides: dict[str, list[_Round]]) -> dict[str, Any]:
+    """Median CPU milliseconds per task of each side, worker tree and Redis,
+    and the ratio of the first side's total to each other side's."""
+    report: dict[str, Any] = {}
+    totals: dict[str, float] = {}
+    for side, rounds in sides.items():
+        worker = statistics.median(r.worker_cpu_ms for r in rounds)
+        redis_ms = [r.redis_cpu_ms for r in rounds if r.redis_cpu_ms is not None]
+        entry: dict[str, float | None] = {"worker": round(worker, 3), "redis": None}
+        totals[side] = worker
+        if len(redis_ms) == len(rounds):
+            entry["redis"] = round(statistics.median(redis_ms), 3)
+            totals[side] = worker + statistics.median(redis_ms)
+        entry["total"] = round(totals[side], 3)
+        report[side] = entry
+    base, *others = sides
+    for side in others:
+        report[f"ratio_{base}_to_{side}"] = round(totals[base] / totals[side], 3)
+    return report
+
+
 def run_throughput(app: Celery, settings: Settings, *, tasks: int, rounds: int) -> dict[str, Any]:
-    plain, guarded = _race(app, settings, sides=(PLAIN, GUARDED), tasks=tasks, rounds=rounds)
+    plain_rounds, guarded_rounds = _race(
+        app, settings, sides=(PLAIN, GUARDED), tasks=tasks, rounds=rounds
+    )
+    plain = [r.tps for r in plain_rounds]
+    guarded = [r.tps for r in guarded_rounds]
     plain_tps, guarded_tps = statistics.median(plain), statistics.median(guarded)
     return {
         "tasks": tasks,
@@ -166,7 +343,8 @@ def run_throughput(app: Celery, settings: Settings, *, tasks: int, rounds: int) 
         "ratio": round(guarded_tps / plain_tps, 3),
         "rounds_plain_tps": [round(x, 1) for x in plain],
         "rounds_guarded_tps": [round(x, 1) for x in guarded],
-        "where_time_goes": profile_guard(app, settings),
+        "cpu_ms_per_task": _cpu_report({"plain": plain_rounds, "guarded": guarded_rounds}),
+        "where_time_goes": profile_guard(app, settings) | {"floor": floor(settings)},
     }
 
 
@@ -174,8 +352,10 @@ def run_batch(app: Celery, settings: Settings, *, tasks: int, rounds: int) -> di
     """Guarded keys per second through a batch agent (``probe.batch``, batches of
     :data:`~fleetworks.proving.probe.BATCH_SIZE`) against plain Celery messages
     per second, on the same worker in the same run."""
-    plain, batched = _race(app, settings, sides=(PLAIN, probe.BATCHED), tasks=tasks,
-                           rounds=rounds)  # fmt: skip
+    plain_rounds, batched_rounds = _race(app, settings, sides=(PLAIN, probe.BATCHED), tasks=tasks,
+                                         rounds=rounds)  # fmt: skip
+    plain = [r.tps for r in plain_rounds]
+    batched = [r.tps for r in batched_rounds]
     plain_tps, batched_kps = statistics.median(plain), statistics.median(batched)
     return {
         "tasks": tasks,
@@ -188,6 +368,7 @@ def run_batch(app: Celery, settings: Settings, *, tasks: int, rounds: int) -> di
         "ratio": round(batched_kps / plain_tps, 3),
         "rounds_plain_tps": [round(x, 1) for x in plain],
         "rounds_batched_keys_per_s": [round(x, 1) for x in batched],
+        "cpu_ms_per_key": _cpu_report({"plain": plain_rounds, "batched": batched_rounds}),
     }
 
 
@@ -249,7 +430,7 @@ def run_fanout(app: Celery, settings: Settings, *, tasks: int, rounds: int) -> d
 
 
 def render(result: dict[str, Any]) -> str:
-    w = result["where_time_goes"]
+    w, cpu = result["where_time_goes"], result["cpu_ms_per_task"]
     return "\n".join(
         [
             f"throughput, {result['tasks']} no-op tasks x {result['rounds']} rounds, "
@@ -257,8 +438,14 @@ def render(result: dict[str, Any]) -> str:
             f"  plain Celery  {result['plain_tps']:>8} tasks/s   {result['rounds_plain_tps']}",
             f"  guarded       {result['guarded_tps']:>8} tasks/s   {result['rounds_guarded_tps']}",
             f"  ratio         {result['ratio']}",
+            f"  CPU per task  plain {cpu['plain']['total']} ms, guarded "
+            f"{cpu['guarded']['total']} ms (worker and Redis), ratio "
+            f"{cpu['ratio_plain_to_guarded']}",
             f"  per guarded task: {w['redis_commands_per_task']} Redis commands, "
             f"{w['sql_statements_per_task']} SQL statements, "
             f"{w['guard_ms_per_task_in_process']} ms of guard in-process",
+            f"  its floor: {w['floor']['guard_floor_ms']} ms (2 Redis round trips of "
+            f"{w['floor']['redis_round_trip_ms']} ms, the write alone "
+            f"{w['floor']['database_write_ms']} ms)",
         ]
     )
