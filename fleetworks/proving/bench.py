@@ -80,25 +80,29 @@ class _Cpu:
         times = proc.cpu_times()
         return float(times.user + times.system)
 
-    def sample(self) -> tuple[float, float | None]:
-        tree = [self.worker, *self.worker.children(recursive=True)]
-        used = 0.0
-        for proc in tree:
+    def sample(self) -> tuple[float, float, float | None]:
+        """CPU seconds so far: the worker's main process, its pool, Redis."""
+        main = self._used(self.worker)
+        pool = 0.0
+        for proc in self.worker.children(recursive=True):
             with contextlib.suppress(psutil.Error):
-                used += self._used(proc)
+                pool += self._used(proc)
         if self.redis is None:
-            return used, None
+            return main, pool, None
         try:
-            return used, self._used(self.redis)
+            return main, pool, self._used(self.redis)
         except psutil.Error:
-            return used, None
+            return main, pool, None
 
 
 @dataclass(frozen=True, slots=True)
 class _Round:
     tps: float
-    #: CPU milliseconds per task: the worker's tree, and Redis (None if not local).
-    worker_cpu_ms: float
+    #: CPU milliseconds per task: the worker's main process (which takes,
+    #: dispatches and acknowledges messages), its pool (which runs them), and
+    #: Redis (None if not local).
+    main_cpu_ms: float
+    pool_cpu_ms: float
     redis_cpu_ms: float | None
 
 
@@ -124,9 +128,10 @@ def _side(
     progress.update(f"bench: {task}", n, n)
     app.control.cancel_consumer(queue, destination=[worker], reply=True, timeout=5)
     redis_ms = None
-    if cpu_before[1] is not None and cpu_after[1] is not None:
-        redis_ms = (cpu_after[1] - cpu_before[1]) / n * 1000
-    return _Round(n / elapsed, (cpu_after[0] - cpu_before[0]) / n * 1000, redis_ms)
+    if cpu_before[2] is not None and cpu_after[2] is not None:
+        redis_ms = (cpu_after[2] - cpu_before[2]) / n * 1000
+    main_ms = (cpu_after[0] - cpu_before[0]) / n * 1000
+    return _Round(n / elapsed, main_ms, (cpu_after[1] - cpu_before[1]) / n * 1000, redis_ms)
 
 
 def _commandstats(client: redis.Redis) -> int:
@@ -306,18 +311,22 @@ def _race(
 
 
 def _cpu_report(sides: dict[str, list[_Round]]) -> dict[str, Any]:
-    """Median CPU milliseconds per task of each side, worker tree and Redis,
-    and the ratio of the first side's total to each other side's."""
+    """Median CPU milliseconds per task of each side (the worker's main process,
+    its pool, Redis and their total), and the ratio of the first side's total
+    to each other side's."""
     report: dict[str, Any] = {}
     totals: dict[str, float] = {}
     for side, rounds in sides.items():
-        worker = statistics.median(r.worker_cpu_ms for r in rounds)
+        main = statistics.median(r.main_cpu_ms for r in rounds)
+        pool = statistics.median(r.pool_cpu_ms for r in rounds)
         redis_ms = [r.redis_cpu_ms for r in rounds if r.redis_cpu_ms is not None]
-        entry: dict[str, float | None] = {"worker": round(worker, 3), "redis": None}
-        totals[side] = worker
+        entry: dict[str, float | None] = {
+            "worker_main": round(main, 3), "pool": round(pool, 3), "redis": None,
+        }  # fmt: skip
+        totals[side] = main + pool
         if len(redis_ms) == len(rounds):
             entry["redis"] = round(statistics.median(redis_ms), 3)
-            totals[side] = worker + statistics.median(redis_ms)
+            totals[side] += statistics.median(redis_ms)
         entry["total"] = round(totals[side], 3)
         report[side] = entry
     base, *others = sides
@@ -438,9 +447,11 @@ def render(result: dict[str, Any]) -> str:
             f"  plain Celery  {result['plain_tps']:>8} tasks/s   {result['rounds_plain_tps']}",
             f"  guarded       {result['guarded_tps']:>8} tasks/s   {result['rounds_guarded_tps']}",
             f"  ratio         {result['ratio']}",
-            f"  CPU per task  plain {cpu['plain']['total']} ms, guarded "
-            f"{cpu['guarded']['total']} ms (worker and Redis), ratio "
-            f"{cpu['ratio_plain_to_guarded']}",
+            *(
+                f"  CPU per task  {side:<8} {cpu[side]['total']} ms: worker main "
+                f"{cpu[side]['worker_main']}, pool {cpu[side]['pool']}, Redis {cpu[side]['redis']}"
+                for side in ("plain", "guarded")
+            ),
             f"  per guarded task: {w['redis_commands_per_task']} Redis commands, "
             f"{w['sql_statements_per_task']} SQL statements, "
             f"{w['guard_ms_per_task_in_process']} ms of guard in-process",
