@@ -15,15 +15,15 @@ lower than the new one: a stale holder can neither re-claim nor finish a key.
 
 from __future__ import annotations
 
-import json
 import reprlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Dialect, bindparam, insert, select, update
+from sqlalchemy import Connection, CursorResult, Dialect, bindparam, insert, select, update
 
 from fleetworks import constants as c
 from fleetworks.db import upsert, upsert_for
@@ -98,49 +98,83 @@ def _claim_many_statement(dialect: str, rows: int) -> Any:
     )
 
 
-#: The columns of a claim whose values a dialect converts before they are sent.
-_CONVERTED = ("payload", "started_at", "queued_at")
+#: The columns whose values are converted before the driver gets them, as
+#: SQLAlchemy converts them (JSON to text; on SQLite, times to its text form).
+_CONVERTED = ("payload", "result", "started_at", "finished_at", "queued_at")
 
 
-@lru_cache(maxsize=256)
-def _compiled_claim_many(dialect: Dialect, rows: int) -> tuple[str, Any, dict[str, Any]]:
-    """The many-row claim compiled once for ``dialect``: its SQL, its parameter
-    order (for a positional driver) and its constant parameters. SQLAlchemy
-    compiles a multi-row ``VALUES`` anew at every execution, which costs more
-    than the statement itself."""
-    compiled = _claim_many_statement(dialect.name, rows).compile(dialect=dialect)
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """A statement compiled once for a dialect and sent as the driver's SQL.
+
+    SQLAlchemy's execution path (its compiled-cache lookup, parameter
+    processing, result set-up) costs more than a short upsert on SQLite
+    itself, and a multi-row ``VALUES`` is compiled anew at every execution.
+    The values are converted here as SQLAlchemy would convert them, so the
+    rows are the same either way; the statement events still fire."""
+
+    sql: str
+    #: The parameter order of a positional driver; None for a named one.
+    order: tuple[str, ...] | None
+    constants: dict[str, Any]
+    #: Parameter name -> the conversion its column's type makes on the dialect.
+    converters: dict[str, Callable[[Any], Any]]
+
+    def driver_params(self, params: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        """``params`` with the constants, converted, in the driver's order."""
+        values = self.constants | params
+        for name, convert in self.converters.items():
+            values[name] = convert(values[name])
+        if self.order is not None:
+            return tuple(values[name] for name in self.order)
+        return values
+
+    def send(self, conn: Connection, params: dict[str, Any]) -> CursorResult[*tuple[Any, ...]]:
+        return conn.exec_driver_sql(self.sql, self.driver_params(params))
+
+
+def _compile(statement: Any, dialect: Dialect, columns: dict[str, str]) -> Compiled:
+    """``statement`` compiled for ``dialect``; ``columns`` maps each parameter
+    whose value needs converting to the ``outcomes`` column it writes."""
+    compiled = statement.compile(dialect=dialect)
     constants = {
         name: _plain(bind.effective_value)
         for name, bind in compiled.binds.items()
         if not bind.required
     }
-    return str(compiled), compiled.positiontup, constants
+    converters: dict[str, Callable[[Any], Any]] = {}
+    for param, column in columns.items():
+        convert = _outcomes.c[column].type.dialect_impl(dialect).bind_processor(dialect)
+        if convert is not None:
+            converters[param] = convert
+    order = tuple(compiled.positiontup) if compiled.positiontup is not None else None
+    return Compiled(str(compiled), order, constants, converters)
+
+
+@lru_cache(maxsize=256)
+def _compiled_claim_many(dialect: Dialect, rows: int) -> Compiled:
+    """The many-row claim compiled once per row count for ``dialect``."""
+    columns = {
+        f"{name}_{i}": name for name in ("payload", "started_at", "queued_at") for i in range(rows)
+    }
+    return _compile(_claim_many_statement(dialect.name, rows), dialect, columns)
 
 
 @lru_cache(maxsize=8)
-def _converters(dialect: Dialect) -> dict[str, Any]:
-    found = {name: _outcomes.c[name].type.bind_processor(dialect) for name in _CONVERTED}
-    if found["payload"] is None:
-        # psycopg's JSON goes through its own adapter: here the text, cast by the SQL.
-        found["payload"] = lambda value: None if value is None else json.dumps(value)
-    return {name: f for name, f in found.items() if f is not None}
+def _compiled_claim(dialect: Dialect) -> Compiled:
+    columns = {name: name for name in ("payload", "started_at", "queued_at")}
+    return _compile(_claim_statement(dialect.name), dialect, columns)
+
+
+@lru_cache(maxsize=8)
+def compiled_settle(dialect: Dialect) -> Compiled:
+    """The outcome upsert of a run that claimed nothing first (:func:`settle`)."""
+    return _compile(settle_statement(dialect.name), dialect, {name: name for name in _CONVERTED})
 
 
 def _plain(value: Any) -> Any:
     """A constant as the driver takes it (a status is text)."""
     return str(value) if isinstance(value, StrEnum) else value
-
-
-def _execute_compiled(conn: Connection, rows: int, params: dict[str, Any]) -> Any:
-    sql, order, constants = _compiled_claim_many(conn.dialect, rows)
-    converters = _converters(conn.dialect)
-    values = constants | params
-    for name, convert in converters.items():
-        for i in range(rows):
-            values[f"{name}_{i}"] = convert(values[f"{name}_{i}"])
-    if order is not None:
-        return conn.exec_driver_sql(sql, tuple(values[name] for name in order))
-    return conn.exec_driver_sql(sql, values)
 
 
 def _claim_upsert(dialect: str, stmt: Any = None) -> Any:
@@ -260,7 +294,7 @@ def claim(
         agent, entity_key, idempotency_key, fencing_token, task_id, worker, queue, queued_at
     )
     params |= {"attempts": max(1, deliveries), "payload": payload, "started_at": now()}
-    return _upsert(conn, _claim_statement(conn.dialect.name), params)
+    return _upsert(conn, _compiled_claim(conn.dialect), params)
 
 
 def _run_params(*values: Any) -> dict[str, Any]:
@@ -270,11 +304,11 @@ def _run_params(*values: Any) -> dict[str, Any]:
     return params
 
 
-def _upsert(conn: Connection, statement: Any, params: dict[str, Any]) -> Claim:
+def _upsert(conn: Connection, statement: Compiled, params: dict[str, Any]) -> Claim:
     """Run a fenced upsert of one key: ``RUN`` if it wrote the row, else what
     the row it left says (``DUPLICATE`` if final, ``STALE`` if held with a
     token as high)."""
-    row = conn.execute(statement, params).first()
+    row = statement.send(conn, params).first()
     if row is not None:
         return Claim(ClaimVerdict.RUN, attempts=int(row[0]))
     found = conn.execute(_FOUND, {"key": params["idempotency_key"]}).one()
@@ -309,10 +343,10 @@ def settle(
         agent, entity_key, idempotency_key, fencing_token, task_id, worker, queue, queued_at
     )
     params |= {
-        "status": status, "started_at": started_at, "finished_at": now(), "payload": payload,
-        "result": result, "error": _clip(error),
+        "status": str(status), "started_at": started_at, "finished_at": now(),
+        "payload": payload, "result": result, "error": _clip(error),
     }  # fmt: skip
-    return _upsert(conn, settle_statement(conn.dialect.name), params)
+    return _upsert(conn, compiled_settle(conn.dialect), params)
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +381,7 @@ def claim_many(conn: Connection, wanted: list[ClaimRequest]) -> dict[str, Claim]
         }  # fmt: skip
     got = {
         str(row[0]): Claim(ClaimVerdict.RUN, attempts=int(row[1]))
-        for row in _execute_compiled(conn, len(wanted), params)
+        for row in _compiled_claim_many(conn.dialect, len(wanted)).send(conn, params)
     }
     missing = [w.idempotency_key for w in wanted if w.idempotency_key not in got]
     if missing:

@@ -183,6 +183,8 @@ class EntityLocks:
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
+        #: (pid, client): see :meth:`_hot`.
+        self._dedicated: tuple[int, redis.Redis] | None = None
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
@@ -195,6 +197,21 @@ class EntityLocks:
     def client(self) -> redis.Redis:
         """The Redis client these locks live on."""
         return self._client
+
+    def _hot(self) -> redis.Redis:
+        """The client of the two scripts every guarded run sends (take a lease,
+        release it): one connection of the same pool, kept by this process.
+        Through the pool, each command also takes a connection out, looks
+        whether it has unread data and puts it back: about 0.05 ms of the
+        guard's 0.8 ms per run in process. Connected on first use, anew in a forked process;
+        commands on it are serialized by redis-py, and a broken connection is
+        reconnected as any other."""
+        pid = os.getpid()
+        if self._dedicated is None or self._dedicated[0] != pid:
+            own = redis.Redis(connection_pool=self._client.connection_pool,
+                              single_connection_client=True)  # fmt: skip
+            self._dedicated = (pid, own)
+        return self._dedicated[1]
 
     def acquire(
         self, entity: str, ttl_s: float, owner: str = "", task_id: str = ""
@@ -244,7 +261,7 @@ class EntityLocks:
         if run is not None:
             keys += [*_INFLIGHT_KEYS, c.DONE_KEY + run[0]]
             args += [run[0], run[1], time.time(), "1" if count else "0"]
-        fence, deliveries = self._acquire(keys=keys, args=args)
+        fence, deliveries = self._acquire(keys=keys, args=args, client=self._hot())
         if int(fence) < 0:
             return KeyDone()
         if int(fence) == 0:
@@ -294,7 +311,7 @@ class EntityLocks:
         if settled_key is not None:
             keys += [*_INFLIGHT_KEYS, c.DONE_KEY + settled_key]
             args += [settled_key, done_mark_ms]
-        return bool(self._release(keys=keys, args=args))
+        return bool(self._release(keys=keys, args=args, client=self._hot()))
 
     def release_owner(self, entity: str, owner: str) -> bool:
         """Delete the lock on ``entity`` if ``owner`` (a delivery) holds it."""

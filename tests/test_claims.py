@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import String, func, insert, select
 
 from fleetworks import claims, db
 from fleetworks import constants as c
@@ -388,3 +390,50 @@ def test_rejected_payload_preview_is_bounded(database_url: str) -> None:
     assert count == 1
     assert len(preview) == 1000
     assert preview.endswith("... [truncated]")
+
+
+def test_rows_sent_as_driver_sql_are_stored_as_sqlalchemy_stores_them(database_url: str) -> None:
+    """Claims and outcomes are sent as compiled driver SQL, their values
+    converted here: times and JSON must be stored in the very form SQLAlchemy
+    stores them (on SQLite, its own text form for times, with no offset)."""
+    at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    run = {"agent": AGENT, "fencing_token": 1, "task_id": "t-1", "worker": "w-1"}
+    with db.transaction(database_url) as conn:
+        conn.execute(
+            insert(_outcomes).values(
+                idempotency_key="by-sqlalchemy", entity_key="e-0", status=Status.SUCCEEDED,
+                attempts=1, started_at=at, queued_at=at, finished_at=at, payload={"n": 1},
+                result=None, **run,
+            )
+        )  # fmt: skip
+        claims.claim(conn, idempotency_key="claimed", entity_key="e-1", payload={"n": 1},
+                     queued_at=at, **run)  # fmt: skip
+        claims.claim_many(conn, [claims.ClaimRequest(
+            idempotency_key=f"claimed-{i}", entity_key=f"e-2{i}", payload={"n": 1},
+            queued_at=at, **run) for i in range(2)])  # fmt: skip
+        claims.settle(conn, idempotency_key="settled", entity_key="e-3", payload={"n": 1},
+                      queued_at=at, started_at=at, result=None, **run)  # fmt: skip
+    text = func.cast
+    with db.transaction(database_url) as conn:
+        found = conn.execute(
+            select(
+                _outcomes.c.idempotency_key,
+                text(_outcomes.c.queued_at, String),
+                text(_outcomes.c.started_at, String),
+                text(_outcomes.c.payload, String),
+                text(_outcomes.c.result, String),
+            ).order_by(_outcomes.c.id)
+        ).all()
+    reference = found[0]
+    assert reference[0] == "by-sqlalchemy"
+    for key, queued_at, started_at, payload, result in found[1:]:
+        assert queued_at == reference[1], key
+        assert _shape(started_at) == _shape(reference[2]), key
+        assert payload == reference[3], key
+        if key == "settled":
+            assert result == reference[4], "a None result is stored as SQLAlchemy stores it"
+
+
+def _shape(stored: str) -> str:
+    """A stored time's form: its digits and fraction left out."""
+    return re.sub(r"\d", "9", re.sub(r"\.\d+", "", stored))

@@ -31,7 +31,6 @@ statement counter record what each guarded task costs.
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import statistics
 import time
@@ -199,25 +198,14 @@ def _redis_round_trip_ms(client: redis.Redis, n: int) -> float:
 def _write_floor_ms(url: str, n: int) -> float:
     """Median milliseconds of a guarded task's one write, with nothing around it:
     ``BEGIN`` (``IMMEDIATE`` on SQLite), the outcome upsert the guard sends
-    (the same statement, compiled once, its values converted as the column
-    types convert them) and ``COMMIT``, on the driver's connection, without
-    SQLAlchemy's execution path or any Python of the guard's."""
-    from fleetworks.claims import now, settle_statement
+    (the same SQL and values) and ``COMMIT``, on the driver's own connection:
+    no SQLAlchemy connection, transaction or event around it, and none of the
+    guard's Python."""
+    from fleetworks.claims import compiled_settle, now
     from fleetworks.models import Outcome
 
     engine = get_engine(url)
-    compiled = settle_statement(engine.dialect.name).compile(dialect=engine.dialect)
-    constants = {
-        name: str(bind.effective_value) if isinstance(bind.effective_value, str)
-        else bind.effective_value
-        for name, bind in compiled.binds.items()
-        if not bind.required
-    }  # fmt: skip
-    columns = Outcome.__table__.c
-    convert: dict[str, Any] = {}
-    for name in ("payload", "result", "started_at", "finished_at", "queued_at"):
-        processor = columns[name].type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
-        convert[name] = processor or (json.dumps if name in ("payload", "result") else None)
+    statement = compiled_settle(engine.dialect)
     sqlite = engine.dialect.name == "sqlite"
     tag = uuid.uuid4().hex[:8]
     times = []
@@ -226,7 +214,7 @@ def _write_floor_ms(url: str, n: int) -> float:
         cursor = raw.cursor()
         for i in range(n):
             stamp = now()
-            values = constants | {
+            values = {
                 "agent": _FLOOR_AGENT, "entity_key": f"floor-{tag}-{i}",
                 "idempotency_key": f"floor-{tag}-{i}", "fencing_token": 1,
                 "task_id": f"floor-{tag}-{i}", "worker": "bench-floor", "queue": "bench",
@@ -235,17 +223,10 @@ def _write_floor_ms(url: str, n: int) -> float:
                 "result": None, "error": None,
             }  # fmt: skip
             started = time.perf_counter()
-            for name, f in convert.items():
-                if f is not None and values[name] is not None:
-                    values[name] = f(values[name])
-            params = (
-                tuple(values[name] for name in compiled.positiontup)
-                if compiled.positiontup is not None
-                else values
-            )
+            params = statement.driver_params(values)
             if sqlite:
                 cursor.execute("BEGIN IMMEDIATE")
-            cursor.execute(str(compiled), params)
+            cursor.execute(statement.sql, params)
             cursor.fetchall()
             if sqlite:
                 cursor.execute("COMMIT")
