@@ -23,6 +23,7 @@ closing its sockets.
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,29 +51,62 @@ def _sqlite_engine(url: str) -> Engine:
     )
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+    def _on_connect(dbapi_conn: Any, record: Any) -> None:
         # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
+        mode = cur.execute("PRAGMA journal_mode=WAL").fetchone()
+        record.info[_WAL] = mode is not None and str(mode[0]).lower() == "wal"
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute(f"PRAGMA busy_timeout={c.SQLITE_BUSY_TIMEOUT_MS}")
+        record.info[_BUSY_OFF] = False
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
+        fairy = conn.connection
+        raw = fairy.dbapi_connection
+        assert raw is not None
         # A read takes no write lock: a writer stopped mid-transaction (SIGSTOP,
         # a partition) must not stop every reader with it.
         if conn.get_execution_options().get(_READ_ONLY, False):
-            conn.exec_driver_sql("BEGIN")
+            _busy_timeout(raw, fairy.info, on=True)
+            _begin(raw, "BEGIN")
         else:
-            _begin_immediate(conn)
+            _begin_immediate(raw, fairy.info)
 
     return engine
 
 
-def _begin_immediate(conn: Connection) -> None:
+#: Keys of a driver connection's ``info``: its database is in WAL mode; its
+#: busy timeout is off (a write transaction's, which waits in its own steps).
+_WAL = "fleet_wal"
+_BUSY_OFF = "fleet_busy_off"
+
+
+def _busy_timeout(raw: Any, info: dict[str, Any], *, on: bool) -> None:
+    """SQLite's busy timeout on or off, sent only when it changes."""
+    if info.get(_BUSY_OFF) == on:
+        raw.execute(f"PRAGMA busy_timeout={c.SQLITE_BUSY_TIMEOUT_MS if on else 0}")
+        info[_BUSY_OFF] = not on
+
+
+def _begin(raw: Any, statement: str) -> None:
+    """``statement`` on the driver's connection, its error raised as SQLAlchemy's.
+
+    The transaction starts here, not in the sqlite3 module (its handling is
+    off); sent through SQLAlchemy, a ``BEGIN`` cost more than SQLite takes
+    to run it. Statement counters count it from the ``begin`` event
+    (:func:`sends_begin`).
+    """
+    try:
+        raw.execute(statement)
+    except sqlite3.Error as exc:
+        raise OperationalError(statement, None, exc) from exc
+
+
+def _begin_immediate(raw: Any, info: dict[str, Any]) -> None:
     """``BEGIN IMMEDIATE``, waiting for the write lock in short steps.
 
     SQLite's own busy handler sleeps 1, 2, 5, 10 ... up to 100 ms between
@@ -81,16 +115,20 @@ def _begin_immediate(conn: Connection) -> None:
     and the one writer the database allows sat idle. Here the wait is the
     same budget (``SQLITE_BUSY_TIMEOUT_MS``), looked at every
     :data:`~fleetworks.constants.SQLITE_LOCK_POLL_MAX_S` at most.
+
+    The busy timeout is off for that, and stays off while the connection
+    writes: once the write lock is held, nothing in a WAL database waits
+    (a commit's checkpoint is a passive one), so the next write transaction
+    on the connection sends no ``PRAGMA``; a read turns it back on. Out of
+    WAL mode a commit waits for readers, and the timeout goes back on at once.
     """
-    raw = conn.connection.dbapi_connection
-    assert raw is not None
-    raw.execute("PRAGMA busy_timeout=0")
+    _busy_timeout(raw, info, on=False)
     try:
         deadline = time.monotonic() + c.SQLITE_BUSY_TIMEOUT_MS / 1000
         pause = c.SQLITE_LOCK_POLL_MIN_S
         while True:
             try:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                _begin(raw, "BEGIN IMMEDIATE")
                 return
             except OperationalError as exc:
                 if "locked" not in str(exc.orig) or time.monotonic() >= deadline:
@@ -98,7 +136,15 @@ def _begin_immediate(conn: Connection) -> None:
             time.sleep(pause)
             pause = min(pause * 2, c.SQLITE_LOCK_POLL_MAX_S)
     finally:
-        raw.execute(f"PRAGMA busy_timeout={c.SQLITE_BUSY_TIMEOUT_MS}")
+        if not info.get(_WAL):
+            _busy_timeout(raw, info, on=True)
+
+
+def sends_begin(engine: Engine) -> bool:
+    """Whether each transaction on ``engine`` starts with a ``BEGIN`` that
+    SQLAlchemy's cursor events do not see (SQLite's, sent by this module): a
+    statement counter counts one per ``begin`` event there."""
+    return engine.dialect.name == "sqlite"
 
 
 def get_engine(url: str) -> Engine:

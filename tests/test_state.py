@@ -242,8 +242,8 @@ def test_a_sqlite_writer_waits_for_the_write_lock_within_its_budget(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``BEGIN IMMEDIATE`` waits for another writer in short steps, gives up
-    with SQLite's own ``database is locked`` past the budget, and leaves the
-    connection's busy timeout as it was."""
+    with SQLite's own ``database is locked`` past the budget; the busy timeout
+    is off while the connection writes and on again for a read."""
     import threading
 
     from sqlalchemy.exc import OperationalError
@@ -268,7 +268,12 @@ def test_a_sqlite_writer_waits_for_the_write_lock_within_its_budget(
         conn.exec_driver_sql("INSERT INTO t VALUES (3)")
         raw = conn.connection.dbapi_connection
         assert raw is not None
-        assert raw.execute("PRAGMA busy_timeout").fetchone() == (30_000,)
+        # (a writer holding the lock waits for nothing in WAL mode)
+        assert raw.execute("PRAGMA busy_timeout").fetchone() == (0,)
     holder.close()
+    # A read on that connection waits with SQLite's busy timeout again.
+    with db.reading(url) as conn:
+        assert conn.connection.dbapi_connection is raw
+        assert raw.execute("PRAGMA busy_timeout").fetchone() == (30_000,)
     with engine.begin() as conn:
         assert [r[0] for r in conn.exec_driver_sql("SELECT n FROM t ORDER BY n")] == [1, 3]

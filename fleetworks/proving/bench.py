@@ -46,7 +46,7 @@ from sqlalchemy import delete, event
 
 from fleetworks import progress
 from fleetworks.constants import PUBLISH_BATCH
-from fleetworks.db import get_engine
+from fleetworks.db import get_engine, sends_begin
 from fleetworks.enqueue import enqueue_many
 from fleetworks.procs import Child, celery_argv, fleet_env, wait_workers
 from fleetworks.proving import probe
@@ -157,6 +157,8 @@ def profile_guard(app: Celery, settings: Settings, n: int = 200) -> dict[str, fl
 
     engine = get_engine(settings.database)
     event.listen(engine, "before_cursor_execute", count)
+    if sends_begin(engine):
+        event.listen(engine, "begin", count)
     client = redis.Redis.from_url(settings.redis)
     tag = uuid.uuid4().hex[:8]
     try:
@@ -174,6 +176,8 @@ def profile_guard(app: Celery, settings: Settings, n: int = 200) -> dict[str, fl
         redis_cmds = _commandstats(client) - before - 1
     finally:
         event.remove(engine, "before_cursor_execute", count)
+        if sends_begin(engine):
+            event.remove(engine, "begin", count)
     return {
         "redis_commands_per_task": round(redis_cmds / n, 2),
         "sql_statements_per_task": round(statements / n, 2),

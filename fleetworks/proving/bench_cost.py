@@ -41,7 +41,7 @@ from celery import Celery
 from redis.connection import AbstractConnection
 from sqlalchemy import event, text
 
-from fleetworks.db import get_engine, is_postgres
+from fleetworks.db import get_engine, is_postgres, sends_begin
 from fleetworks.enqueue import enqueue, enqueue_many
 from fleetworks.procs import Child, celery_argv, fleet_env, wait_workers
 from fleetworks.proving import probe
@@ -136,11 +136,15 @@ def _sql(url: str, window: Window) -> Iterator[None]:
 
     event.listen(engine, "before_cursor_execute", statement)
     event.listen(engine, "commit", commit)
+    if sends_begin(engine):
+        event.listen(engine, "begin", statement)
     try:
         yield
     finally:
         event.remove(engine, "before_cursor_execute", statement)
         event.remove(engine, "commit", commit)
+        if sends_begin(engine):
+            event.remove(engine, "begin", statement)
 
 
 @contextmanager
