@@ -349,7 +349,11 @@ def enqueue(agent: str, payload: str, key: str | None, as_json: bool) -> None:
 
 @main.command()
 @click.option("--agent", default=None)
-@click.option("--status", default=None, help="claimed, succeeded, failed or rejected")
+@click.option(
+    "--status",
+    default=None,
+    help="claimed, succeeded, failed, rejected or dead (runs in flight: `fleetworks running`)",
+)
 @click.option("--limit", type=_LIMIT, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def outcomes(agent: str | None, status: str | None, limit: int, as_json: bool) -> None:
@@ -368,6 +372,42 @@ def outcomes(agent: str | None, status: str | None, limit: int, as_json: bool) -
         click.echo(
             f"{r['id']:>6} {r['status']:<9} {r['agent']:<18} {r['idempotency_key']:<40} "
             f"try={r['attempts']} fence={r['fencing_token']}{err}"
+        )
+
+
+@main.command()
+@click.option("--agent", default=None)
+@click.option("--limit", type=_LIMIT, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def running(agent: str | None, limit: int, as_json: bool) -> None:
+    """Runs in flight now, longest first, from the records their leases keep in
+    Redis: a key's first delivery has no outcome row until it ends."""
+    import time
+
+    import redis
+
+    from fleetworks.redisconn import get_redis
+    from fleetworks.reports import in_flight
+    from fleetworks.settings import redact
+
+    settings = _settings()
+    client = get_redis(settings.redis, **settings.redis_tls(settings.redis))
+    try:
+        runs = in_flight(client, settings.database, agent=agent, limit=limit, now=time.time())
+    except redis.RedisError as exc:
+        raise click.ClickException(
+            f"Redis at {redact(settings.redis)} is not reachable ({exc}); is the fleet up?"
+        ) from None
+    if as_json:
+        _print_json({"running": runs})
+        return
+    if not runs:
+        click.echo("nothing running")
+    for r in runs:
+        row = f"row={r['row']}" if r["row"] else "first delivery"
+        click.echo(
+            f"{r['agent']:<18} {r['idempotency_key']:<40} {r['running_s']:>8.1f}s "
+            f"{r['worker']}  {row}"
         )
 
 

@@ -9,8 +9,10 @@ skip on lock contention).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from sqlalchemy import Connection, distinct, func, select
 
 from fleetworks.db import transaction
@@ -88,6 +90,39 @@ def list_outcomes(
     with transaction(url) as conn:
         rows = conn.execute(query).mappings().all()
     return [_jsonable(dict(r)) for r in rows]
+
+
+def in_flight(
+    client: redis.Redis, url: str, *, agent: str | None, limit: int, now: float
+) -> list[dict[str, Any]]:
+    """The runs in flight, longest running first, from the records their
+    leases keep in Redis (:mod:`fleetworks.inflight`), each with its key's
+    outcome row status: none for a key's first delivery (its row is written
+    with its outcome), ``claimed`` or ``failed`` for a later one. A record
+    outlives a holder that died until the reaper takes it (within a lease)."""
+    from fleetworks import inflight
+
+    records = [r for r in inflight.all_records(client) if agent is None or r.agent == agent]
+    records = records[:limit]
+    statuses: dict[str, str] = {}
+    with transaction(url) as conn:
+        for chunk in _chunks([r.key for r in records]):
+            query = select(_o.c.idempotency_key, _o.c.status).where(_o.c.idempotency_key.in_(chunk))
+            statuses.update({str(k): str(v) for k, v in conn.execute(query)})
+    return [
+        {
+            "idempotency_key": r.key,
+            "agent": r.agent,
+            "entity": r.entity,
+            "task_id": r.task_id,
+            "worker": r.worker,
+            "queue": r.queue,
+            "since": datetime.fromtimestamp(r.at, UTC).isoformat(),
+            "running_s": round(max(0.0, now - r.at), 3),
+            "row": statuses.get(r.key),
+        }
+        for r in records
+    ]
 
 
 def status_counts(url: str, agent: str | None = None) -> dict[str, int]:

@@ -35,7 +35,7 @@ from tests.fuzzing import SHORT, SLOW, report, run
 
 #: Commands run for real: they only read.
 READ_ONLY = {
-    ("outcomes",), ("dead",), ("events",), ("timeline",), ("leaders",),
+    ("outcomes",), ("dead",), ("events",), ("timeline",), ("leaders",), ("running",),
 }  # fmt: skip
 
 

@@ -7,7 +7,10 @@ counts the delivery that died. Real worker, real broker, real database.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +21,7 @@ from sqlalchemy import func, select
 from fleetworks import claims, inflight
 from fleetworks import constants as c
 from fleetworks.db import transaction
+from fleetworks.embedded import free_port
 from fleetworks.ledger import Ledger
 from fleetworks.locks import EntityLocks, Lease
 from fleetworks.models import GUARD_EVENTS, OUTCOMES, PROBE_EFFECTS, EventKind, Status
@@ -113,3 +117,48 @@ def test_the_reaper_leaves_records_it_does_not_own(
     left = {r.key: r.at for r in inflight.all_records(redis_client)}
     assert set(left) == {claimed, running}
     assert left[claimed] > time.time() - 5, "looked at again a lease later"
+
+
+def test_running_lists_runs_in_flight_with_and_without_an_outcome_row(
+    database_url: str, redis_client: redis.Redis
+) -> None:
+    """`fleetworks running`: every run whose lease holds an in-flight record, a
+    key's first delivery (no row until its outcome) and a later one (its
+    ``claimed`` row); gone once released; a clear error when Redis is down."""
+    from fleetworks.reports import in_flight
+
+    locks = EntityLocks(redis_client)
+    name = uuid.uuid4().hex[:8]
+    first, later = f"probe:{name}-first", f"probe:{name}-later"
+    leases: list[Lease] = []
+    for key in (first, later):
+        record = inflight.encode(agent="probe.run", entity=key, task_id=f"t-{key}",
+                                 worker="w@host/7", queue="q", payload={"id": key})  # fmt: skip
+        lease = locks.acquire_run(key, 6.0, "", f"t-{key}", key=key, record=record)
+        assert isinstance(lease, Lease)
+        leases.append(lease)
+    with transaction(database_url) as conn:
+        claims.claim(conn, agent="probe.run", entity_key=later, idempotency_key=later,
+                     fencing_token=leases[1].fencing_token, task_id=f"t-{later}",
+                     worker="w@host/7")  # fmt: skip
+    env = dict(os.environ, FLEET_DATABASE_URL=database_url)
+    argv = [sys.executable, "-m", "fleetworks", "running", "--limit", "10000", "--json"]
+    try:
+        done = subprocess.run(
+            argv, check=False, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs = {r["idempotency_key"]: r for r in json.loads(done.stdout)["running"]}
+        assert runs[first]["row"] is None, "a first delivery has no row while it runs"
+        assert runs[first]["worker"] == "w@host/7" and runs[first]["task_id"] == f"t-{first}"
+        assert runs[later]["row"] == Status.CLAIMED
+        assert runs[first]["running_s"] >= 0
+    finally:
+        for key, lease in zip((first, later), leases, strict=True):
+            locks.release(lease, key)
+    left = in_flight(redis_client, database_url, agent="probe.run", limit=10_000, now=time.time())
+    assert not {first, later} & {r["idempotency_key"] for r in left}
+    # Redis down: the command says so, naming where it looked.
+    down = dict(env, FLEET_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    done = subprocess.run(argv, check=False, env=down, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "not reachable" in done.stderr, done.stderr[-2000:]
