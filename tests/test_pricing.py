@@ -25,6 +25,7 @@ from agents.pricing import (
 )
 from fleetworks.db import transaction
 from fleetworks.models import AGENT_STATE_HISTORY, OUTCOMES
+from fleetworks.proving.demo_pricing import ENTRY, settle_in_order
 from tasks.schema import PRICE_CHANGES
 from tests.conftest import Worker, start_worker, truncate, wait_for
 
@@ -261,3 +262,20 @@ def test_a_batch_of_reprices_writes_what_the_reprices_one_by_one_write(database_
     assert [r.version for r in states] == [2] * 60
     assert (changes, states, events) == tuple(rest)
     assert one == together
+
+
+def test_the_demo_measures_the_first_cycles_in_slot_order_and_no_more() -> None:
+    """Ticks that settled while the demo looked away (a beat's failover on a
+    slow machine) are not extra cycles, and a later tick settled first waits
+    for the one before it, so the chain is checked between neighbours."""
+
+    ticks = [f"{ENTRY}@2026-01-01T00:00:{s:02d}Z" for s in (0, 4, 8)]
+    settled = {ticks[0]: 200, ticks[1]: 120, ticks[2]: 200}
+    done: list[str] = []
+    assert settle_in_order(ticks, done, settled.__getitem__, 200, 2) == [ticks[0]]
+    assert done == [ticks[0]]
+    settled[ticks[1]] = 200
+    assert settle_in_order(ticks, done, settled.__getitem__, 200, 2) == [ticks[1]]
+    assert done == ticks[:2]
+    assert settle_in_order(ticks, done, settled.__getitem__, 200, 2) == []
+    assert done == ticks[:2]

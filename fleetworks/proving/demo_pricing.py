@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -263,6 +264,36 @@ class Run:
         self.report.duplicate_ticks_sent += 1
 
 
+def settle_in_order(
+    ticks: list[str],
+    done: list[str],
+    settled: Callable[[str], int],
+    products: int,
+    cycles: int,
+) -> list[str]:
+    """Append to ``done`` the ticks that settled since, in slot order; return them.
+
+    The cycles measured are the first ``cycles`` ticks, consecutive: a tick
+    not settled yet stops the walk (a later tick settled first waits for it,
+    so the price chain is checked across neighbours), and ticks past
+    ``cycles`` are left out however many settled while the demo looked away
+    (a beat's failover, a slow machine).
+    """
+    added: list[str] = []
+    for tick in ticks:
+        if len(done) >= cycles:
+            break
+        if tick in done:
+            continue
+        priced = settled(tick)
+        progress.update(f"pricing: cycle {len(done) + 1}", priced, products)
+        if priced < products:
+            break
+        done.append(tick)
+        added.append(tick)
+    return added
+
+
 def run_pricing(
     app: Celery,
     settings: Settings,
@@ -275,23 +306,30 @@ def run_pricing(
     run = Run(app, settings, products, interval_s)
     url = settings.database
     started = time.monotonic()
+    # Ticks polled before this run (an earlier demo on the same database) are not its cycles.
+    since = datetime.now(UTC)
     done: list[str] = []
     try:
         beats = run.start()
         echo(f"pricing demo: {products} products every {interval_s:g}s, two beats")
         while len(done) < cycles and time.monotonic() - started < timeout_s:
-            ticks = {t: v for t, v in poll_ticks(url).items() if v[0] == "succeeded"}
-            for tick in sorted(ticks, key=_slot):
+            ticks = sorted(
+                (
+                    t
+                    for t, (status, at, _) in poll_ticks(url).items()
+                    if status == "succeeded" and _as_utc(at) >= since
+                ),
+                key=_slot,
+            )
+            for tick in ticks:
                 if tick not in run.resent:
                     run.resend(tick)
                 if not run.report.beat_killed:
                     run.kill_leader(beats)
-                priced = settled_count(url, tick) if tick not in done else products
-                if tick not in done:
-                    progress.update(f"pricing: cycle {len(done) + 1}", priced, products)
-                if tick not in done and priced >= products:
-                    done.append(tick)
-                    echo(f"pricing demo: cycle {len(done)} ({tick}) settled")
+            for tick in settle_in_order(
+                ticks, done, lambda t: settled_count(url, t), products, cycles
+            ):
+                echo(f"pricing demo: cycle {done.index(tick) + 1} ({tick}) settled")
             progress.update("pricing: cycles", len(done), cycles)
             time.sleep(0.5)
         time.sleep(1.0)  # duplicates re-sent late are still being skipped
